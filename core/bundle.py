@@ -1,0 +1,176 @@
+"""Bundles and checkpoints: folders of safetensors + json, written atomically, loaded strictly.
+
+A bundle folder holds `bundle.json` (kind, model config, data provenance, metrics, and a
+manifest of every other file with its sha256) plus the files it lists. Loading checks the
+manifest (so a truncated or edited file is named), never unpickles, and loads weights with
+strict key and shape checks that name what is missing, unexpected or mis-shaped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
+
+
+class BundleError(ValueError):
+    """A bundle or checkpoint is missing, damaged or does not fit the model."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()})
+
+
+def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes]) -> Path:
+    """Write `files` (relative name -> content) as folder `path`, replacing it all at once.
+
+    The folder is built beside the target and swapped in with renames, so a reader sees the
+    old folder or the new one, never a mix; a crash leaves the old one in place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        for name, data in files.items():
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def save_bundle(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]],
+                files: dict[str, bytes] | None = None) -> Path:
+    """Write a bundle: `tensors[group]` becomes `group.safetensors`; `files` are extra raw files."""
+    payload: dict[str, bytes] = {f"{g}.safetensors": tensors_to_bytes(t) for g, t in tensors.items()}
+    payload.update(files or {})
+    if MANIFEST in payload:
+        raise BundleError(f"{MANIFEST} is reserved for the manifest")
+    manifest = dict(meta)
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["files"] = {name: sha256(data) for name, data in sorted(payload.items())}
+    payload[MANIFEST] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    return write_dir_atomic(path, payload)
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    mf = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"{path}: not a bundle folder (it does not exist or is not a directory)")
+    if not mf.is_file():
+        raise BundleError(f"{path}: not a bundle folder ({MANIFEST} is missing)")
+    try:
+        meta = json.loads(mf.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mf}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        raise BundleError(f"{mf}: no 'files' manifest")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{mf}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    return meta
+
+
+def read_file_checked(path: str | os.PathLike, name: str, meta: dict[str, Any]) -> bytes:
+    """Read one file listed in the manifest and check its hash."""
+    path = Path(path)
+    if name not in meta["files"]:
+        raise BundleError(f"{path}: {name} is not in the bundle manifest")
+    f = path / name
+    if not f.is_file():
+        raise BundleError(f"{path}: {name} is listed in {MANIFEST} but missing")
+    data = f.read_bytes()
+    if sha256(data) != meta["files"][name]:
+        raise BundleError(f"{path}: {name} does not match its sha256 in {MANIFEST} (damaged or edited)")
+    return data
+
+
+def load_bundle_tensors(path: str | os.PathLike, group: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    data = read_file_checked(path, f"{group}.safetensors", meta)
+    try:
+        return st_load(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise BundleError(f"{Path(path)}: {group}.safetensors is not a valid safetensors file ({e})") from None
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load `state` into `module`, failing with the names of missing/unexpected/mis-shaped keys."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(f"{k}: {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                    for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    if shapes:
+        problems.append(f"shape mismatch {shapes[:8]}")
+    if problems:
+        raise BundleError(f"{what}: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
+
+
+# -- reward bundles -------------------------------------------------------------------------
+
+def save_reward_bundle(path: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
+    """A reward bundle: encoder.safetensors (NP models) + reward.safetensors + bundle.json."""
+    state = {k: v for k, v in model.state_dict().items()}
+    enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    rest = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+    tensors = {"reward": rest}
+    if enc:
+        tensors["encoder"] = enc
+    full = {"kind": "reward", "reward_config": model.cfg.to_dict(), **meta}
+    return save_bundle(path, full, tensors)
+
+
+def load_reward_bundle(path: str | os.PathLike):
+    """Returns (PreferenceModel in eval mode, bundle metadata)."""
+    from core.reward import PreferenceModel, config_from_dict  # local: bundle stays importable alone
+
+    meta = read_manifest(path)
+    if meta.get("kind") != "reward":
+        raise BundleError(f"{path}: bundle kind is {meta.get('kind')!r}, expected 'reward'")
+    try:
+        cfg = config_from_dict(meta["reward_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{path}: bad reward_config in {MANIFEST} ({e})") from None
+    model = PreferenceModel(cfg)
+    state = dict(load_bundle_tensors(path, "reward", meta))
+    if cfg.is_np:
+        state.update({f"encoder.{k}": v for k, v in load_bundle_tensors(path, "encoder", meta).items()})
+    elif "encoder.safetensors" in meta["files"]:
+        raise BundleError(f"{path}: encoder.safetensors present but {cfg.model} has no encoder")
+    load_state_strict(model, state, f"{path}")
+    return model.eval(), meta

@@ -1,0 +1,1 @@
+"""Reproductions and evaluations; each writes JSON plus a plotly HTML figure next to it."""

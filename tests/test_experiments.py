@@ -1,0 +1,75 @@
+"""The experiment CLIs run end to end (quick mode: the pipeline, not the numbers) and write
+valid JSON and plotly figures."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.data.synthetic import bayes_error_one_pair, conflict_rate, gaussian_pairs, one_d_pairs
+from core.experiments import figures as F
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def figures_in(html: str) -> list[dict]:
+    """Recover the figure specs from the page's Plotly.newPlot calls and validate them with plotly."""
+    import plotly.graph_objects as go
+
+    decoder = json.JSONDecoder()
+    figs, pos = [], 0
+    while (i := html.find("Plotly.newPlot('fig", pos)) != -1:
+        j = html.index(", ", i) + 2
+        data, k = decoder.raw_decode(html, j)
+        layout, k = decoder.raw_decode(html, k + 2)
+        figs.append(go.Figure({"data": data, "layout": layout}))  # raises on any invalid property
+        pos = k
+    return figs
+
+
+@pytest.mark.parametrize("name, n_figs", [("synthetic", 4), ("identifiability", 1)])
+def test_experiment_cli_quick(tmp_path, name, n_figs):
+    r = subprocess.run([sys.executable, "-m", "core.experiments", name, "--quick", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / f"{name}.json").read_text())
+    html = (tmp_path / f"{name}.html").read_text()
+    assert "<script>" in html and len(html) > 1_000_000  # plotly.js inlined: works offline
+    figs = figures_in(html)
+    assert len(figs) == n_figs and all(len(f.data) > 0 for f in figs)
+    assert "targets" in res
+    if name == "synthetic":
+        assert set(res["domains"]) == {"U[0,1]", "U[-1,1]"}
+        acc = res["domains"]["U[0,1]"]["accuracy"]
+        assert set(acc) == {"btl", "dpl", "np-btl", "np-btl-latent"}
+        assert set(acc["np-btl"]["overall"]) == {"0", "1", "3", "5", "10"}
+        assert abs(res["domains"]["U[0,1]"]["user_blind_ceiling"] - 0.75) < 0.02
+        curves = res["domains"]["U[0,1]"]["curves"]
+        assert set(curves["models"]["np-btl"]) == {"up", "tent"}
+    else:
+        assert set(res["runs"]) == {"-1.00", "-0.70", "+0.00", "+0.70"}
+        cell = res["runs"]["+0.00"]["test"]["+0.00"]
+        assert cell["bayes"] == pytest.approx(0.25)
+
+
+def test_synthetic_generators_match_the_paper():
+    ps = one_d_pairs(40_000, (0.0, 1.0), seed=1)
+    assert ps.conflicting("up", "tent").mean() == pytest.approx(0.5, abs=0.01)  # half conflict on U[0,1]^2
+    assert {str(s) for s in ps.split} == {"train", "val", "test"}
+    for rho in (-1.0, -0.7, 0.0, 0.7):
+        g = gaussian_pairs(40_000, rho, seed=2)
+        assert g.conflicting("h0", "h1").mean() == pytest.approx(conflict_rate(rho), abs=0.01)
+    assert bayes_error_one_pair(-1.0) == pytest.approx(0.0)
+    assert bayes_error_one_pair(0.7) == pytest.approx(0.3734, abs=1e-3)
+
+
+def test_figure_helpers_build_valid_plotly(tmp_path):
+    import plotly.graph_objects as go
+
+    fig = F.figure([F.line([0, 1], [1, 2], "a", error=[0.1, 0.1]), F.band([0, 1], [0, 1], [2, 3], "b")],
+                   "t", "x", "y")
+    go.Figure(fig)
+    p = F.write_html(tmp_path / "f.html", [fig], "title <&>", "notes")
+    assert "title &lt;&amp;&gt;" in p.read_text()

@@ -144,10 +144,7 @@ class TaskSampler:
                 ctx = tgt[pos]
                 unseen[i, pos] = False
             else:
-                avail = np.setdiff1d(self.context_pool, tgt)
-                if len(avail) < n_c:
-                    raise ValueError(f"only {len(avail)} context pairs outside this task's targets, need {n_c}")
-                ctx = rng.choice(avail, size=n_c, replace=False)
+                ctx = self._draw_outside(rng, tgt, n_c)
             rows = np.concatenate([tgt, ctx])
             if cfg.users == "types":
                 u = fixed_type if fixed_type is not None else self.type_ids[rng.integers(len(self.type_ids))]
@@ -174,6 +171,15 @@ class TaskSampler:
             user_type=torch.from_numpy(user_type_out),
             user_weights=None if weights is None else torch.from_numpy(weights),
         )
+
+    def _draw_outside(self, rng: np.random.Generator, exclude: np.ndarray, n: int) -> np.ndarray:
+        """n distinct rows of the context pool that are not in `exclude` (a task's targets)."""
+        k = min(len(self.context_pool), n + len(exclude))  # enough candidates even if all targets are drawn
+        cand = rng.choice(self.context_pool, size=k, replace=False)
+        cand = cand[~np.isin(cand, exclude)]
+        if len(cand) < n:
+            raise ValueError(f"only {len(cand)} context pairs outside this task's targets, need {n}")
+        return cand[:n]
 
     def _draw_weights(self, rng: np.random.Generator, A: int) -> np.ndarray:
         if self.cfg.weight_prior == "dirichlet":

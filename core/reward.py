@@ -126,6 +126,10 @@ class PreferenceModel(nn.Module):
         return self.encoder(f.context_a, f.context_b, f.context_choice, f.context_mask)
 
     # -- training --------------------------------------------------------------------------
+    def forward(self, f: PairFeatures, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training loss; forward() so that DDP wrappers see the call and sync gradients."""
+        return self.loss(f, generator)
+
     def loss(self, f: PairFeatures, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss on all targets of each task (context included, as in the paper)."""
         cfg = self.cfg

@@ -70,12 +70,14 @@ def train_reward(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
                  emb: tuple[torch.Tensor, torch.Tensor] | None = None, quiet: bool = False,
                  resume: bool = True, data_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one reward model and write its bundle to `out`. Returns the bundle metadata."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from tqdm.auto import tqdm
 
     tc = run.train
     torch.manual_seed(tc.seed)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    # Parameters such as the learned prior only get gradients when a task has an empty context.
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     emb_a, emb_b = emb if emb is not None else option_embeddings(pairs)
     emb_a, emb_b = emb_a.float().to(acc.device), emb_b.float().to(acc.device)
     if model_name not in MODELS:
@@ -144,7 +146,7 @@ def train_reward(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
         for group in opt.param_groups:
             group["lr"] = tc.lr_at(step)
         batch = train_sampler.sample(step * world + rank, per_proc)
-        loss, last = raw_model.loss(gather_features(batch, emb_a, emb_b, acc.device))
+        loss, last = model(gather_features(batch, emb_a, emb_b, acc.device))
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         if tc.grad_clip:

@@ -191,10 +191,6 @@ class PreferenceModel(nn.Module):
         return {"nll": nll, "correct": correct, "scored": scored, "p": p}
 
 
-def build_model(cfg: RewardConfig) -> PreferenceModel:
-    return PreferenceModel(cfg)
-
-
 def config_from_dict(d: dict) -> RewardConfig:
     """RewardConfig from plain data; an encoder section inherits d_in, d_hidden and latent."""
     d = dict(d)
@@ -211,5 +207,4 @@ def config_from_dict(d: dict) -> RewardConfig:
     return RewardConfig(**d, encoder=EncoderConfig(**enc) if enc else None)
 
 
-__all__ = ["MODELS", "RewardConfig", "PairFeatures", "PreferenceModel", "gather_features", "build_model",
-           "config_from_dict"]
+__all__ = ["MODELS", "RewardConfig", "PairFeatures", "PreferenceModel", "gather_features", "config_from_dict"]

@@ -12,7 +12,7 @@ processes without carrying RNG state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import numpy as np
@@ -69,7 +69,6 @@ class TaskBatch:
     unseen_mask: torch.Tensor  # (B, T) bool: targets that are not in the context
     user_type: torch.Tensor  # (B,) long index into user_types, -1 for continuous users
     user_weights: torch.Tensor | None = None  # (B, A) continuous users' weights over attributes
-    extras: dict = field(default_factory=dict)
 
     @property
     def n_context(self) -> torch.Tensor:

@@ -53,6 +53,9 @@ def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes]) -> Path:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp creates 0700; give the folder normal permissions
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"

@@ -4,8 +4,8 @@
 
 Writes {"accuracy": {type: {N_C: {"mean", "se", "n", "tasks"}}}, "overall": {N_C: {...}}} with
 fractions in [0, 1], and prints the same as a table. Only targets outside the task's own
-context are scored (ties are not scorable and are counted under "ties"). Every cell uses the
-same target sets (common random numbers), so differences between N_C are paired.
+context are scored (ties are not scorable and are counted under "ties"). Cells share the
+sampler seed but not their target sets, so each cell is an independent estimate.
 """
 
 from __future__ import annotations

@@ -62,6 +62,14 @@ def _opt_state_from(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> d
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+def _rng_state() -> dict[str, torch.Tensor]:
+    """Torch RNG states (CPU, and every CUDA device) so a resumed run draws what it would have."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
 def _fingerprint(d: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -94,7 +102,11 @@ def train_reward(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
 
     out = Path(out)
     ckpt = out.parent / f"{out.name}.ckpt"
-    fingerprint = _fingerprint({"model": mcfg.to_dict(), "run": run.to_dict(), "data": data_meta or {}})
+    data_hash = hashlib.sha256()  # what was trained on, whatever the caller says about it
+    for arr in (emb_a.cpu().numpy(), emb_b.cpu().numpy(), pairs.choices, pairs.split.astype("U5")):
+        data_hash.update(arr.tobytes())
+    fingerprint = _fingerprint({"model": mcfg.to_dict(), "run": run.to_dict(), "data": data_meta or {},
+                                "data_sha256": data_hash.hexdigest()})
     start, best_val, best_state, history = 0, float("inf"), None, []
     if resume and (ckpt / "bundle.json").is_file():
         meta = read_manifest(ckpt)
@@ -106,7 +118,10 @@ def train_reward(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
         best = load_bundle_tensors(ckpt, "best", meta)
         best_state = best if best else None
         start, best_val, history = meta["step"], meta["best_val"], meta["history"]
-        torch.set_rng_state(load_bundle_tensors(ckpt, "rng", meta)["cpu"])
+        rng = load_bundle_tensors(ckpt, "rng", meta)
+        torch.set_rng_state(rng["cpu"])
+        if torch.cuda.is_available() and "cuda" in rng:
+            torch.cuda.set_rng_state_all(list(rng["cuda"]))
         if not quiet:
             acc.print(f"resuming {out} from step {start}")
 
@@ -135,7 +150,7 @@ def train_reward(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
         save_bundle(ckpt, {"kind": "train-checkpoint", "fingerprint": fingerprint, "step": step,
                            "best_val": best_val, "history": history, "optim": orest},
                     {"model": raw_model.state_dict(), "optim": otensors, "best": best_state or {},
-                     "rng": {"cpu": torch.get_rng_state()}})
+                     "rng": _rng_state()})
 
     t0 = time.time()
     model.train()

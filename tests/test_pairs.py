@@ -103,3 +103,34 @@ def test_conflicting_mask():
     ps = pairs_from_records([rec(0, choices={"terse": 0, "thorough": 1}), rec(1, choices={"terse": 1, "thorough": 1}),
                              rec(2, choices={"terse": 0.5, "thorough": 1})])
     np.testing.assert_array_equal(ps.conflicting("terse", "thorough"), [True, False, False])
+
+
+@pytest.mark.parametrize("body, where", [
+    ('{"id": "x", "a": [1' + "0" * 400 + '], "b": [1], "choices": {"u": 0}, "split": "train"}', ":1: a:"),
+    ('{"id": "x", "a": [1e300], "b": [1], "choices": {"u": 0}, "split": "train"}', ":1: a:"),
+    ('{"id": "x", "a": [1], "b": [2], "choices": {"u": 0}, "attributes": {"a": {"v": 1e39}, "b": {"v": 0}}, '
+     '"split": "train"}', ":1: attributes.a.v:"),
+])
+def test_numbers_beyond_float32_are_refused(tmp_path, body, where):
+    p = tmp_path / "big.jsonl"
+    p.write_text(body + "\n")
+    with pytest.raises(PairsFormatError, match="float32 range") as e:
+        load_pairs(p)
+    assert str(e.value).startswith(str(p) + where)
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    p = tmp_path / "bytes.jsonl"
+    p.write_bytes(json.dumps(rec(0)).encode() + b"\n" + b'{"id": "\xff"}\n')
+    with pytest.raises(PairsFormatError, match=r":2: <line>: not valid UTF-8"):
+        load_pairs(p)
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    p = write_pairs(tmp_path / "perm.jsonl", [rec(0)])
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask

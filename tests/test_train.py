@@ -184,3 +184,28 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
     r = cli("-m", "core.evaluate", "reward", "--bundle", str(tmp_path / "none"), "--pairs", str(bad))
     assert r.returncode == 2 and "not a bundle folder" in r.stderr
+
+
+def test_resume_refuses_a_checkpoint_from_other_data(pairs, tmp_path, monkeypatch):
+    from core.data import tasks
+
+    real = tasks.TaskSampler.sample
+
+    def boom(self, batch_index, batch_size, **kw):
+        if batch_index == 25:
+            raise KeyboardInterrupt
+        return real(self, batch_index, batch_size, **kw)
+
+    monkeypatch.setattr(tasks.TaskSampler, "sample", boom)
+    with pytest.raises(KeyboardInterrupt):
+        train_reward(pairs, "btl", tmp_path / "x", small_run(40, checkpoint_every=20), quiet=True)
+    monkeypatch.setattr(tasks.TaskSampler, "sample", real)
+    other = one_d_pairs(4000, seed=123)  # same shape, different data, no data_meta given
+    with pytest.raises(BundleError, match="different config or data"):
+        train_reward(other, "btl", tmp_path / "x", small_run(40, checkpoint_every=20), quiet=True)
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "x.ckpt").stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700

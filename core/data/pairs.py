@@ -118,8 +118,17 @@ def _choice_out(c: float) -> float | int:
     return 0.5 if c == 0.5 else int(c)
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A JSON number that is finite and fits float32 (values are stored as float32)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v) and abs(float(v)) <= _F32_MAX
+    except OverflowError:  # integers beyond float range
+        return False
 
 
 class _Builder:
@@ -210,7 +219,7 @@ class _Builder:
             if not v:
                 raise self.fail(line, name, "empty list")
             if not all(_is_number(x) for x in v):
-                raise self.fail(line, name, "numeric options must be a list of finite numbers")
+                raise self.fail(line, name, "numeric options must be a list of finite numbers within float32 range")
             return [float(x) for x in v]
         raise self.fail(line, name, f"must be a string or a list of numbers, got {type(v).__name__}")
 
@@ -256,7 +265,7 @@ class _Builder:
             for name in self.attribute_names:
                 x = v[side][name]
                 if not _is_number(x):
-                    raise self.fail(line, f"attributes.{side}.{name}", f"must be a finite number, got {x!r}")
+                    raise self.fail(line, f"attributes.{side}.{name}", f"must be a finite number within float32 range, got {x!r}")
                 row.append(float(x))
             out.append(row)
         return out
@@ -283,14 +292,24 @@ def _kind(v: str | list[float]) -> str:
     return "text" if isinstance(v, str) else "numeric"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def load_pairs(path: str | os.PathLike) -> PairSet:
     """Read and validate a JSONL pairs file; raise PairsFormatError at the first bad line."""
     path = Path(path)
     if not path.is_file():
         raise PairsFormatError(f"{path}: no such file")
     builder = _Builder(str(path))
-    with path.open("r", encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw_bytes in enumerate(f, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise builder.fail(line_no, "<line>", f"not valid UTF-8 (byte {e.start})") from None
             if not raw.strip():
                 raise builder.fail(line_no, "<line>", "empty line (every line must be one JSON object)")
             try:
@@ -319,6 +338,7 @@ def write_pairs(path: str | os.PathLike, pairs: PairSet | Sequence[dict[str, Any
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for rec in pairset.to_records():
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -124,7 +124,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(pairs, tmp_path,
         assert torch.equal(v1, v2), k
 
 
-def test_resume_refuses_a_checkpoint_from_another_config(pairs, tmp_path, monkeypatch):
+def interrupted_btl_run(pairs, out, monkeypatch):
+    """Train BTL into `out` until batch 25 raises, leaving the step-20 checkpoint behind."""
     from core.data import tasks
 
     real = tasks.TaskSampler.sample
@@ -136,8 +137,12 @@ def test_resume_refuses_a_checkpoint_from_another_config(pairs, tmp_path, monkey
 
     monkeypatch.setattr(tasks.TaskSampler, "sample", boom)
     with pytest.raises(KeyboardInterrupt):
-        train_reward(pairs, "btl", tmp_path / "x", small_run(40, checkpoint_every=20), quiet=True)
+        train_reward(pairs, "btl", out, small_run(40, checkpoint_every=20), quiet=True)
     monkeypatch.setattr(tasks.TaskSampler, "sample", real)
+
+
+def test_resume_refuses_a_checkpoint_from_another_config(pairs, tmp_path, monkeypatch):
+    interrupted_btl_run(pairs, tmp_path / "x", monkeypatch)
     with pytest.raises(BundleError, match="different config or data"):
         train_reward(pairs, "btl", tmp_path / "x", small_run(40, checkpoint_every=20, lr=1e-2), quiet=True)
 
@@ -187,19 +192,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_from_other_data(pairs, tmp_path, monkeypatch):
-    from core.data import tasks
-
-    real = tasks.TaskSampler.sample
-
-    def boom(self, batch_index, batch_size, **kw):
-        if batch_index == 25:
-            raise KeyboardInterrupt
-        return real(self, batch_index, batch_size, **kw)
-
-    monkeypatch.setattr(tasks.TaskSampler, "sample", boom)
-    with pytest.raises(KeyboardInterrupt):
-        train_reward(pairs, "btl", tmp_path / "x", small_run(40, checkpoint_every=20), quiet=True)
-    monkeypatch.setattr(tasks.TaskSampler, "sample", real)
+    interrupted_btl_run(pairs, tmp_path / "x", monkeypatch)
     other = one_d_pairs(4000, seed=123)  # same shape, different data, no data_meta given
     with pytest.raises(BundleError, match="different config or data"):
         train_reward(other, "btl", tmp_path / "x", small_run(40, checkpoint_every=20), quiet=True)

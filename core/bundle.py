@@ -177,3 +177,82 @@ def load_reward_bundle(path: str | os.PathLike):
         raise BundleError(f"{path}: encoder.safetensors present but {cfg.model} has no encoder")
     load_state_strict(model, state, f"{path}")
     return model.eval(), meta
+
+
+# -- policy bundles -------------------------------------------------------------------------
+
+def model_files(model: torch.nn.Module, tokenizer) -> dict[str, bytes]:
+    """A transformers model + tokenizer as folder files (safetensors weights, json configs)."""
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d, safe_serialization=True)
+        tokenizer.save_pretrained(d)
+        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+def save_policy_bundle(path: str | os.PathLike, policy, meta: dict[str, Any], include_base: bool = False) -> Path:
+    """A policy bundle: adapter/ (peft LoRA), film.safetensors, encoder.safetensors, bundle.json;
+    with include_base, the base model's own files under base/ (for small from-scratch models)."""
+    state = policy.adapter_state()
+    lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
+    tensors = {g: {k[len(g) + 1:]: v for k, v in state.items() if k.startswith(g + ".")} for g in ("film", "encoder")}
+    tensors = {g: t for g, t in tensors.items() if t}
+    peft_cfg = policy.lm.peft_config["default"].to_dict()
+    files = {"adapter/adapter_model.safetensors": tensors_to_bytes(lora),
+             "adapter/adapter_config.json": (json.dumps(peft_cfg, indent=2, sort_keys=True, default=sorted) + "\n").encode()}
+    if include_base:
+        files.update({f"base/{k}": v for k, v in _plain_base_files(policy).items()})
+    full = {"kind": "policy", "policy_config": policy.cfg.to_dict(), **meta}
+    if include_base:
+        full["base"] = {**full.get("base", {}), "kind": "bundled"}
+    return save_bundle(path, full, tensors, files)
+
+
+def _plain_base_files(policy) -> dict[str, bytes]:
+    """The base LM's files without LoRA: a fresh model of the same config with the frozen weights."""
+    from transformers import AutoModelForCausalLM
+
+    base = policy.lm.get_base_model()
+    plain = AutoModelForCausalLM.from_config(base.config)
+    sd = {k.replace(".base_layer", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
+    plain.load_state_dict(sd, strict=True)
+    return model_files(plain, policy.tokenizer)
+
+
+def load_policy_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Returns (SteerablePolicy in eval mode, bundle metadata). Checks every file's hash first."""
+    from core.policy import PolicyConfig, SteerablePolicy
+
+    path = Path(path)
+    meta = read_manifest(path)
+    if meta.get("kind") != "policy":
+        raise BundleError(f"{path}: bundle kind is {meta.get('kind')!r}, expected 'policy'")
+    try:
+        cfg = PolicyConfig.from_dict(meta["policy_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{path}: bad policy_config in {MANIFEST} ({e})") from None
+    for name in meta["files"]:  # hash-check everything before any of it is parsed
+        read_file_checked(path, name, meta)
+    base_meta = meta.get("base") or {}
+    if base_meta.get("kind") == "bundled":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if "base/config.json" not in meta["files"]:
+            raise BundleError(f"{path}: base kind 'bundled' but base/config.json is not in the bundle")
+        lm = AutoModelForCausalLM.from_pretrained(str(path / "base"), trust_remote_code=False, use_safetensors=True,
+                                                  dtype=dtype or torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(path / "base"), trust_remote_code=False)
+    else:
+        from core.basemodels import load_base
+
+        lm, tok, info = load_base(base_meta.get("spec", cfg.base), dtype=dtype or torch.float32)
+        want, got = base_meta.get("sha256"), info.get("sha256")
+        if want and got and want != got:
+            raise BundleError(f"{path}: trained on base weights {want[:12]}…, but {base_meta.get('spec')} "
+                              f"resolves to {got[:12]}…; the bundle would not behave as trained")
+    policy = SteerablePolicy(cfg, lm, tok)
+    state = {f"lora.{k}": v for k, v in load_bundle_tensors(path, "adapter/adapter_model", meta).items()}
+    for g in ("film", "encoder"):
+        if f"{g}.safetensors" in meta["files"]:
+            state.update({f"{g}.{k}": v for k, v in load_bundle_tensors(path, g, meta).items()})
+    policy.load_adapter_state(state, str(path))
+    return policy.to(device).eval(), meta

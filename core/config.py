@@ -26,6 +26,7 @@ class TrainConfig:
     val_tasks: int = 512  # fixed validation tasks for checkpoint selection
     checkpoint_every: int = 250
     seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPUs that support it
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimiser step `step` (0-based): linear warm-up, then cosine or flat."""
@@ -72,9 +73,8 @@ def run_config_from_dict(d: dict[str, Any] | None, where: str = "config") -> Run
     )
 
 
-def load_run_config(path: str | Path | None) -> RunConfig:
-    if path is None:
-        return RunConfig()
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping (empty file = {}), with clear errors."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: config file not found")
@@ -84,4 +84,10 @@ def load_run_config(path: str | Path | None) -> RunConfig:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
     if d is not None and not isinstance(d, dict):
         raise ValueError(f"{path}: expected a mapping with sections train / tasks / model")
-    return run_config_from_dict(d, str(path))
+    return d or {}
+
+
+def load_run_config(path: str | Path | None) -> RunConfig:
+    if path is None:
+        return RunConfig()
+    return run_config_from_dict(read_config_file(path), str(path))

@@ -1,0 +1,512 @@
+"""SteerablePolicy: a causal LM + peft LoRA + FiLM(z) + the context encoder (NP-DPO).
+
+- The LM's weights stay frozen; LoRA (rank, alpha, targets configurable), FiLM and the
+  context encoder train. The DPO baseline is the same class with `conditioned=False`: no
+  encoder, no FiLM, identical LoRA and optimiser.
+- The reference policy is the same modules with LoRA and FiLM switched off
+  (`policy.reference()`), never a copy of the weights.
+- Sequence log-probs are response-only with exact spans: the prompt is rendered with the
+  chat template's generation prompt (`add_generation_prompt=True`) and tokenised on its own;
+  the response is followed by the template's end-of-turn marker, and every response token,
+  that marker included, is scored. The authors' code scored the prompt instead (paper era)
+  or skipped two response tokens (later).
+- `generate(prompts, z)` takes a different z per row (a continuum sweep is one call), stops
+  at the end of turn, and `stream()` yields the growing texts of every row token by token.
+
+Implicit reward: r(y) = β·log π(y | x, z) / π_ref(y | x); logit = r(b) − r(a) (1 = b preferred).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import threading
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from core.encoder import ContextEncoder, EncoderConfig, Gaussian
+from core.film import FiLM, FiLMConfig, find_decoder_layers, hidden_size, unwrap
+from core.losses import btl_nll
+
+DEFAULT_LORA_TARGETS = {"gpt2": ["c_attn"]}  # everything else in core.film.LAYER_PATHS: q_proj, v_proj
+
+
+@dataclass
+class PolicyConfig:
+    base: str = "smollm2-135m-instruct"  # base model spec (core.basemodels), or "bundled"
+    conditioned: bool = True  # NP-DPO (encoder + FiLM); False = the DPO baseline
+    d_in: int = 384  # width of the context option embeddings (set from the embedder)
+    embedder: str = "minilm"  # minilm | base (the LM itself, adapters and FiLM off)
+    d_z: int = 32
+    encoder: EncoderConfig | None = None  # None: built from d_in and d_z
+    film_layers: list[int] | None = None  # None = every block
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None  # None: q_proj, v_proj (c_attn for GPT-2)
+    beta: float = 0.05
+    max_prompt_tokens: int = 256  # longer prompts keep their last tokens
+    max_response_tokens: int = 256  # longer responses keep their first tokens (and lose the end marker)
+    cache_reference: bool = True  # reference log-probs computed once per response
+    gradient_checkpointing: bool = False
+    freeze_encoder: bool = False  # e.g. after a warm start from an NP-BTL bundle
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, dict):
+            self.encoder = EncoderConfig(**self.encoder)
+        if self.conditioned and self.encoder is None:
+            self.encoder = EncoderConfig(d_in=self.d_in, d_z=self.d_z)
+        if self.conditioned and (self.encoder.d_in != self.d_in or self.encoder.d_z != self.d_z):
+            raise ValueError(f"encoder (d_in {self.encoder.d_in}, d_z {self.encoder.d_z}) does not match the "
+                             f"policy (d_in {self.d_in}, d_z {self.d_z})")
+        if self.embedder not in ("minilm", "base"):
+            raise ValueError(f"embedder must be 'minilm' or 'base', got {self.embedder!r}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PolicyConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown policy option(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+class ChatFormat:
+    """Renders prompts and responses with a tokenizer's chat template and finds exact spans."""
+
+    PROBE = "xq7respx"
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+        self.has_template = bool(getattr(tok, "chat_template", None))
+        if self.has_template:
+            p = self.prompt_text("hi")
+            full = tok.apply_chat_template([{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": self.PROBE}], tokenize=False)
+            if not full.startswith(p) or self.PROBE not in full[len(p):]:
+                raise ValueError("chat template: a rendered conversation does not start with the rendered "
+                                 "generation prompt, so response spans can't be found exactly")
+            rest = full[len(p):]
+            i = rest.index(self.PROBE)
+            self.response_prefix = rest[:i]  # e.g. an empty think block the model must also write
+            self.end = rest[i + len(self.PROBE):].rstrip() or (tok.eos_token or "")
+        else:
+            self.response_prefix, self.end = "", tok.eos_token or ""
+        if not self.end:
+            raise ValueError("tokenizer has neither a chat template end-of-turn marker nor an eos token")
+        end_ids = tok(self.end, add_special_tokens=False).input_ids
+        stops = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        if len(end_ids) == 1:
+            stops.add(end_ids[0])
+        self.stop_ids = sorted(stops)
+
+    def prompt_text(self, prompt: str) -> str:
+        if self.has_template:
+            return self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                add_generation_prompt=True)
+        return f"User: {prompt}\nAssistant:"
+
+    def response_text(self, response: str) -> str:
+        r = response.strip()
+        return self.response_prefix + (r if self.has_template else " " + r) + self.end
+
+    def prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
+        ids = self.tok(self.prompt_text(prompt), add_special_tokens=not self.has_template).input_ids
+        return ids[-max_tokens:]
+
+    def response_ids(self, response: str, max_tokens: int) -> list[int]:
+        return self.tok(self.response_text(response), add_special_tokens=False).input_ids[:max_tokens]
+
+
+@dataclass
+class Sequences:
+    """Right-padded prompt+response token rows. N rows, L positions."""
+
+    input_ids: torch.Tensor  # (N, L) long
+    attention_mask: torch.Tensor  # (N, L) long
+    response_mask: torch.Tensor  # (N, L) bool: positions holding response tokens (scored)
+
+    def to(self, device) -> "Sequences":
+        return Sequences(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
+
+
+def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Sequences:
+    """(prompt_ids, response_ids) per row -> right-padded Sequences."""
+    L = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)  # (N, L)
+    am = torch.zeros((len(rows), L), dtype=torch.long)
+    rm = torch.zeros((len(rows), L), dtype=torch.bool)
+    for i, (p, r) in enumerate(rows):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        am[i, :len(p) + len(r)] = 1
+        rm[i, len(p):len(p) + len(r)] = True
+    return Sequences(ids, am, rm)
+
+
+@dataclass
+class DPOInputs:
+    """One NP-DPO step. B tasks, C context slots, R scored target pairs (rows of 2R sequences: a's then b's)."""
+
+    context_a: torch.Tensor | None  # (B, C, d)
+    context_b: torch.Tensor | None  # (B, C, d)
+    context_choice: torch.Tensor | None  # (B, C)
+    context_mask: torch.Tensor | None  # (B, C) bool
+    row_task: torch.Tensor  # (R,) long: the task of each target pair
+    choice: torch.Tensor  # (R,) float, 1 = b preferred
+    seqs: Sequences  # 2R rows: a responses, then b responses
+    ref: torch.Tensor | None  # (2R,) reference log-probs, or None to compute them in forward
+
+    def to(self, device) -> "DPOInputs":
+        def mv(x):
+            return None if x is None else x.to(device)
+        return DPOInputs(mv(self.context_a), mv(self.context_b), mv(self.context_choice), mv(self.context_mask),
+                         self.row_task.to(device), self.choice.to(device), self.seqs.to(device), mv(self.ref))
+
+
+class BatchStreamer:
+    """A `TextIteratorStreamer`-style streamer for a whole batch: iterating yields the list of
+    every row's text so far after each generated token; rows stop growing at their end of turn."""
+
+    def __init__(self, tok, batch_size: int, stop_ids: Sequence[int], timeout: float | None = 120.0) -> None:
+        self.tok, self.stop_ids, self.timeout = tok, set(stop_ids), timeout
+        self.tokens: list[list[int]] = [[] for _ in range(batch_size)]
+        self.done = [False] * batch_size
+        self.q: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+        self.error: BaseException | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first sends the prompt
+            self._prompt_seen = True
+            return
+        for i, t in enumerate(value.reshape(len(self.tokens), -1)[:, -1].tolist()):
+            if self.done[i]:
+                continue
+            if t in self.stop_ids:
+                self.done[i] = True
+            else:
+                self.tokens[i].append(t)
+        self.q.put(self.texts())
+
+    def texts(self) -> list[str]:
+        return [self.tok.decode(t, skip_special_tokens=True) for t in self.tokens]
+
+    def end(self) -> None:
+        self.q.put(None)
+
+    def fail(self, e: BaseException) -> None:
+        self.error = e
+        self.q.put(None)
+
+    def __iter__(self) -> Iterator[list[str]]:
+        while True:
+            item = self.q.get(timeout=self.timeout)
+            if item is None:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+
+class SteerablePolicy(nn.Module):
+    def __init__(self, cfg: PolicyConfig, lm: nn.Module, tokenizer) -> None:
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.chat = ChatFormat(tokenizer)
+        find_decoder_layers(lm)  # fail early, with the supported list, on an unknown family
+        model_type = lm.config.model_type
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                          target_modules=cfg.lora_targets or DEFAULT_LORA_TARGETS.get(model_type, ["q_proj", "v_proj"]),
+                          fan_in_fan_out=model_type == "gpt2", task_type="CAUSAL_LM")
+        self.lm = get_peft_model(lm, lora)
+        if cfg.gradient_checkpointing:
+            self.lm.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.lm.get_base_model().enable_input_require_grads()
+        if cfg.conditioned:
+            layers = find_decoder_layers(self.lm)
+            self.film: FiLM | None = FiLM(FiLMConfig(cfg.d_z, hidden_size(lm), len(layers), cfg.film_layers))
+            self.film.attach(self.lm)
+            self.encoder: ContextEncoder | None = ContextEncoder(cfg.encoder)
+            if cfg.freeze_encoder:
+                self.encoder.requires_grad_(False)
+        else:
+            self.film, self.encoder = None, None
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.chat.stop_ids[0]
+        self._lock = threading.RLock()
+
+    # -- modes -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Within the block the model is the plain base: LoRA and FiLM switched off."""
+        with self._lock, self.lm.disable_adapter(), (self.film.disabled() if self.film else contextlib.nullcontext()):
+            yield
+
+    @contextlib.contextmanager
+    def conditioned(self, z: torch.Tensor | None) -> Iterator[None]:
+        """Within the block the policy runs with latent z (B, d_z) per row; None = FiLM off."""
+        if z is not None and self.film is None:
+            raise ValueError("this policy is unconditioned (DPO): it takes no z")
+        with self._lock, (self.film.condition(z) if self.film else contextlib.nullcontext()):
+            yield
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Everything trained on top of the base: lora.*, film.*, encoder.* tensors."""
+        from peft import get_peft_model_state_dict
+
+        state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.lm).items()}
+        for name, mod in (("film", self.film), ("encoder", self.encoder)):
+            if mod is not None:
+                state.update({f"{name}.{k}": v for k, v in mod.state_dict().items()})
+        return state
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor], what: str = "policy state") -> None:
+        """Load adapter_state() tensors strictly: missing, unexpected or mis-shaped keys are named."""
+        from peft import set_peft_model_state_dict
+
+        from core.bundle import BundleError
+
+        expected = self.adapter_state()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        shapes = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                        for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
+        problems = [f"{label} {keys[:6]}{' ...' if len(keys) > 6 else ''}" for label, keys in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)) if keys]
+        if problems:
+            raise BundleError(f"{what}: " + "; ".join(problems))
+        set_peft_model_state_dict(self.lm, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+        for name, mod in (("film", self.film), ("encoder", self.encoder)):
+            if mod is not None:
+                mod.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")},
+                                    strict=True)
+
+    # -- latents ---------------------------------------------------------------------------
+    def latent(self, a: torch.Tensor, b: torch.Tensor, choice: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """z (B, d_z) from context option embeddings (a latent encoder gives its posterior mean)."""
+        if self.encoder is None:
+            raise ValueError("this policy is unconditioned (DPO): it has no context encoder")
+        z = self.encoder(a, b, choice, mask)
+        return z.mean if isinstance(z, Gaussian) else z
+
+    # -- log-probs -------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        c = self.cfg
+        return [(self.chat.prompt_ids(p, c.max_prompt_tokens), self.chat.response_ids(r, c.max_response_tokens))
+                for p, r in zip(prompts, responses)]
+
+    def _body_head(self) -> tuple[nn.Module, nn.Module]:
+        base = unwrap(self.lm)
+        return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+
+    def sequence_logprobs(self, s: Sequences) -> torch.Tensor:
+        """Σ log π(response tokens | everything before), (N,), in the current mode."""
+        body, head = self._body_head()
+        h = body(input_ids=s.input_ids, attention_mask=s.attention_mask, use_cache=False).last_hidden_state  # (N, L, H)
+        tmask = s.response_mask[:, 1:]  # (N, L-1): position t-1 predicts response token t
+        hs = h[:, :-1][tmask]  # (M, H)
+        tgt = s.input_ids[:, 1:][tmask]  # (M,)
+        cap = getattr(unwrap(self.lm).config, "final_logit_softcapping", None)
+
+        def token_lp(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+            logits = head(hc).float()  # (m, V)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            return logits.gather(-1, tc[:, None])[:, 0] - logits.logsumexp(-1)  # (m,)
+
+        chunks = []
+        for i in range(0, hs.shape[0], 512):  # bounds the (tokens, vocab) logits held at once
+            hc, tc = hs[i:i + 512], tgt[i:i + 512]
+            chunks.append(checkpoint(token_lp, hc, tc, use_reentrant=False) if torch.is_grad_enabled()
+                          else token_lp(hc, tc))
+        lp = torch.cat(chunks) if chunks else hs.new_zeros(0, dtype=torch.float32)  # (M,)
+        row = torch.arange(s.input_ids.shape[0], device=lp.device)[:, None].expand_as(tmask)[tmask]  # (M,)
+        return torch.zeros(s.input_ids.shape[0], device=lp.device, dtype=lp.dtype).index_add(0, row, lp)  # (N,)
+
+    @torch.no_grad()
+    def reference_logprobs(self, s: Sequences, batch_size: int = 32) -> torch.Tensor:
+        """Log-probs (N,) under the reference (the base with LoRA and FiLM off)."""
+        out = []
+        with self.reference():
+            for i in range(0, s.input_ids.shape[0], batch_size):
+                sub = Sequences(s.input_ids[i:i + batch_size], s.attention_mask[i:i + batch_size],
+                                s.response_mask[i:i + batch_size])
+                out.append(self.sequence_logprobs(_trim(sub)))
+        return torch.cat(out)
+
+    # -- NP-DPO ----------------------------------------------------------------------------
+    def forward(self, inp: DPOInputs) -> tuple[torch.Tensor, dict[str, float]]:
+        """DPO loss over the scored target pairs; forward() so DDP syncs gradients."""
+        logit = self.dpo_logits(inp)  # (R,)
+        nll = btl_nll(logit, inp.choice)  # (R,)
+        loss = nll.mean()
+        decided = inp.choice != 0.5
+        acc = ((logit > 0) == (inp.choice > 0.5))[decided].float().mean() if decided.any() else logit.new_tensor(0.0)
+        return loss, {"loss": loss.item(), "acc": acc.item()}
+
+    def dpo_logits(self, inp: DPOInputs) -> torch.Tensor:
+        """β[(log π_b − log ref_b) − (log π_a − log ref_a)] per target pair, (R,)."""
+        ref = inp.ref if inp.ref is not None else self.reference_logprobs(inp.seqs)  # (2R,)
+        if self.film is not None:
+            z = self.latent(inp.context_a, inp.context_b, inp.context_choice, inp.context_mask)  # (B, d_z)
+            zr = z[inp.row_task]  # (R, d_z)
+            # Set, not a context block: gradient checkpointing re-runs the hooks during backward.
+            self.film._active = self.film.factors(torch.cat([zr, zr]))  # (L, 2R, 2H)
+        try:
+            lp = self.sequence_logprobs(inp.seqs)  # (2R,)
+        finally:
+            if self.film is not None and not (self.training and self.cfg.gradient_checkpointing):
+                self.film._active = None
+        d = lp - ref  # (2R,)
+        d_a, d_b = d.chunk(2)  # 2 x (R,)
+        return self.cfg.beta * (d_b - d_a)
+
+    # -- generation ------------------------------------------------------------------------
+    def _prompt_batch(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [self.chat.prompt_ids(p, self.cfg.max_prompt_tokens) for p in prompts]
+        L = max(len(i) for i in ids)
+        x = torch.full((len(ids), L), self.pad_id, dtype=torch.long)  # (B, L), left-padded
+        am = torch.zeros((len(ids), L), dtype=torch.long)
+        for r, i in enumerate(ids):
+            x[r, L - len(i):] = torch.tensor(i)
+            am[r, L - len(i):] = 1
+        return x.to(self.device), am.to(self.device)
+
+    def _z_rows(self, z: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        if z is None:
+            return None
+        z = z.to(self.device, torch.float32)
+        if z.ndim == 1:
+            z = z.expand(n, -1)
+        if z.shape[0] != n:
+            raise ValueError(f"{z.shape[0]} latents for {n} prompts")
+        return z
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], z: torch.Tensor | None = None, max_new_tokens: int = 128,
+                 do_sample: bool = False, temperature: float = 0.8, top_p: float = 0.95, seed: int | None = None,
+                 base: bool = False, use_cache: bool = True, streamer: BatchStreamer | None = None,
+                 return_tokens: bool = False) -> list[str] | list[list[int]]:
+        """Responses for a batch of prompts; z is (B, d_z) (one per row), (d_z,) for all, or None.
+
+        base=True generates with the plain base model (LoRA and FiLM off). return_tokens gives
+        the generated token ids up to (not including) the end of turn instead of text.
+        """
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        x, am = self._prompt_batch(prompts)
+        zr = self._z_rows(z, len(prompts))
+        mode = self.reference() if base else self.conditioned(zr)
+        kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=use_cache,
+                                  eos_token_id=self.chat.stop_ids, pad_token_id=self.pad_id, streamer=streamer)
+        if do_sample:
+            kw.update(temperature=temperature, top_p=top_p, top_k=0)
+        was_training = self.training
+        self.eval()
+        try:
+            with mode:
+                if seed is not None:
+                    torch.manual_seed(seed)
+                out = self.lm.generate(input_ids=x, attention_mask=am, **kw)  # (B, L + new)
+        finally:
+            self.train(was_training)
+        texts = []
+        for row in out[:, x.shape[1]:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in self.chat.stop_ids), len(row))
+            if return_tokens:
+                texts.append(row[:cut])
+                continue
+            texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        return texts
+
+    def stream(self, prompts: Sequence[str], z: torch.Tensor | None = None, **kw) -> Iterator[list[str]]:
+        """Yield every row's text so far after each new token (generation runs in a thread)."""
+        streamer = BatchStreamer(self.tokenizer, len(prompts), self.chat.stop_ids)
+
+        def run() -> None:
+            try:
+                self.generate(prompts, z, streamer=streamer, **kw)
+            except BaseException as e:  # surfaced to the consumer
+                streamer.fail(e)
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        for texts in streamer:
+            yield [s.strip() for s in texts]
+        t.join()
+
+
+def _trim(s: Sequences) -> Sequences:
+    """Drop all-padding columns at the right (a sub-batch may be shorter than the batch)."""
+    L = int(s.attention_mask.sum(1).max().item()) if s.attention_mask.numel() else 0
+    return Sequences(s.input_ids[:, :L], s.attention_mask[:, :L], s.response_mask[:, :L])
+
+
+class PolicyData:
+    """A PairSet tokenised for a policy, its context embeddings, and the reference log-prob cache."""
+
+    def __init__(self, policy: SteerablePolicy, pairs, emb: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        if pairs.is_numeric:
+            raise ValueError(f"{pairs.source}: a policy needs text options (prompt + responses), not numbers")
+        missing = [pairs.ids[i] for i, p in enumerate(pairs.prompts) if not p]
+        if missing:
+            raise ValueError(f"{pairs.source}: pairs {missing[:5]} have no prompt; a policy needs one per pair")
+        self.pairs = pairs
+        self.tok_a = policy.encode(pairs.prompts, pairs.a)
+        self.tok_b = policy.encode(pairs.prompts, pairs.b)
+        self.emb_a, self.emb_b = emb if emb is not None else (None, None)
+        if policy.film is not None and self.emb_a is None:
+            raise ValueError("a conditioned policy needs context embeddings (emb=)")
+        self.ref = torch.full((len(pairs), 2), float("nan"))  # (n, 2): reference log-probs of a, b
+        self.pad_id = policy.pad_id
+
+    def ensure_reference(self, policy: SteerablePolicy, idx: torch.Tensor, autocast=contextlib.nullcontext) -> None:
+        todo = sorted(set(idx[torch.isnan(self.ref[idx]).any(1)].tolist()))
+        if not todo:
+            return
+        s = collate([self.tok_a[i] for i in todo] + [self.tok_b[i] for i in todo], self.pad_id).to(policy.device)
+        with autocast():
+            lp = policy.reference_logprobs(s).float().cpu()  # (2m,)
+        self.ref[todo] = torch.stack(lp.chunk(2), 1)
+
+    def inputs(self, policy: SteerablePolicy, batch, score: torch.Tensor, cache_reference: bool = True,
+               autocast=contextlib.nullcontext) -> DPOInputs:
+        """DPOInputs for the targets of `batch` where score (B, T) is True (on CPU; move with .to)."""
+        task, pos = score.nonzero(as_tuple=True)  # (R,), (R,)
+        idx = batch.target_idx[task, pos]  # (R,)
+        ref = None
+        if cache_reference:
+            self.ensure_reference(policy, idx, autocast)
+            ref = torch.cat([self.ref[idx, 0], self.ref[idx, 1]])  # (2R,)
+        seqs = collate([self.tok_a[i] for i in idx.tolist()] + [self.tok_b[i] for i in idx.tolist()], self.pad_id)
+        ctx = (None,) * 4
+        if policy.film is not None:
+            ctx = (self.emb_a[batch.context_idx], self.emb_b[batch.context_idx], batch.context_choice,
+                   batch.context_mask)
+        return DPOInputs(*ctx, row_task=task, choice=batch.target_choice[task, pos].float(), seqs=seqs, ref=ref)
+
+
+__all__ = ["PolicyConfig", "ChatFormat", "Sequences", "collate", "DPOInputs", "BatchStreamer", "SteerablePolicy",
+           "PolicyData"]

@@ -1,0 +1,70 @@
+"""Small language models built from scratch: a byte-level BPE tokenizer with a ChatML chat
+template, and tiny configs of the Llama, Qwen2 and GPT-2 families.
+
+Used by the tests (no downloads) and by the persona-tiny bundle, which trains one of these
+on the persona corpus.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Literal
+
+import torch
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048):
+    """A byte-level BPE tokenizer trained on `texts`, with ChatML specials and chat template.
+
+    eos = <|im_end|> (the end of an assistant turn), pad = <|endoftext|>.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(list(texts), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token=None, unk_token=None)
+    tok.chat_template = CHATML
+    return tok
+
+
+Family = Literal["llama", "qwen2", "gpt2"]
+
+
+def tiny_config(family: Family, vocab_size: int, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
+                max_positions: int = 512, tokenizer=None):
+    """A transformers config for a small decoder of `family` (random init, tied embeddings)."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    ids = {}
+    if tokenizer is not None:
+        ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                   bos_token_id=tokenizer.pad_token_id)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
+                          n_positions=max_positions, tie_word_embeddings=True, **ids)
+    common = dict(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=4 * d_model,
+                  num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
+                  max_position_embeddings=max_positions, tie_word_embeddings=True, **ids)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    raise ValueError(f"unknown tiny family {family!r}; expected llama, qwen2 or gpt2")
+
+
+def tiny_model(family: Family, tokenizer, seed: int = 0, **kw):
+    """A randomly initialised tiny *ForCausalLM for `tokenizer`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(family, len(tokenizer), tokenizer=tokenizer, **kw)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()

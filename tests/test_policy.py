@@ -1,0 +1,342 @@
+"""SteerablePolicy, FiLM and NP-DPO on tiny random Llama, Qwen2 and GPT-2 configs (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from core.bundle import BundleError, load_policy_bundle, save_policy_bundle
+from core.config import TrainConfig
+from core.data.pairs import pairs_from_records
+from core.data.tasks import TaskConfig
+from core.embed import LMEmbedder, last_token_index
+from core.film import FiLM, FiLMConfig, UnsupportedModelError, find_decoder_layers
+from core.policy import PolicyConfig, PolicyData, SteerablePolicy, collate
+from core.tinylm import tiny_model, train_tokenizer
+from core.train import policy_run_config, train_policy
+
+FAMILIES = ["llama", "qwen2", "gpt2"]
+TOPICS = ["sleep", "tea", "rain", "bikes", "maps", "bread", "music", "chess", "paint", "boats", "trees", "birds"]
+
+
+def _answers(topic: str) -> tuple[str, str]:
+    short = f"Try {topic} daily."
+    long = (f"Here is a thorough answer about {topic}. First, start slowly with {topic}. "
+            f"Then practise {topic} every day. Finally, review what you learned about {topic}.")
+    return short, long
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = []
+    for t in TOPICS:
+        s, l = _answers(t)
+        texts += [f"How do I get into {t}?", s, l] * 3
+    return train_tokenizer(texts, vocab_size=400)
+
+
+def toy_pairs(seed: int = 0):
+    """Two user types that always disagree: 'terse' prefers the short answer, 'thorough' the long one."""
+    rng = random.Random(seed)
+    recs = []
+    for i, t in enumerate(TOPICS):
+        split = "train" if i < 8 else ("val" if i < 10 else "test")
+        for k in range(4):
+            short, long = _answers(t)
+            b_long = rng.random() < 0.5
+            a, b = (short, long) if b_long else (long, short)
+            recs.append({"id": f"{t}-{k}", "prompt": f"How do I get into {t}?" + " Please." * k, "a": a, "b": b,
+                         "choices": {"terse": 0 if b_long else 1, "thorough": 1 if b_long else 0}, "split": split})
+    return pairs_from_records(recs, "toy")
+
+
+def toy_emb(pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-d option features that reveal the answer's length (what the users care about)."""
+    def f(text: str) -> list[float]:
+        n = len(text.split())
+        return [n / 20, 1.0 - n / 20, 0.5, -0.5]
+    return torch.tensor([f(x) for x in pairs.a]), torch.tensor([f(x) for x in pairs.b])
+
+
+def make_policy(family: str, tok, conditioned: bool = True, seed: int = 0, **kw) -> SteerablePolicy:
+    cfg = PolicyConfig(base="tiny", conditioned=conditioned, d_in=4, d_z=4, **kw)
+    torch.manual_seed(seed)
+    return SteerablePolicy(cfg, tiny_model(family, tok, seed=seed), tok)
+
+
+def _perturb(policy: SteerablePolicy, seed: int = 1) -> None:
+    """Make LoRA and FiLM non-trivial, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if p.requires_grad and ("lora_" in n or n.startswith("film.")):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+PROMPTS = ["How do I get into tea?", "How do I get into chess? Please."]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_film_at_init_is_identity_for_any_z(family, tok):
+    base = tiny_model(family, tok, seed=3)
+    policy = make_policy(family, tok, seed=3)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = base(**enc).logits
+        for z in (torch.zeros(2, 4), 5 * torch.randn(2, 4)):
+            with policy.conditioned(z):
+                got = policy.lm(**enc).logits
+            assert torch.equal(got, want)
+        with policy.conditioned(None):
+            assert torch.equal(policy.lm(**enc).logits, want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_row_gets_its_own_z(family, tok):
+    policy = make_policy(family, tok)
+    _perturb(policy)
+    enc = tok(PROMPTS[:1] * 2, return_tensors="pt")
+    z = torch.randn(2, 4)
+    with torch.no_grad():
+        with policy.conditioned(z):
+            both = policy.lm(**enc).logits
+        for i in range(2):
+            with policy.conditioned(z[i:i + 1]):
+                one = policy.lm(input_ids=enc.input_ids[:1], attention_mask=enc.attention_mask[:1]).logits
+            torch.testing.assert_close(both[i], one[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(both[0], both[1])
+
+
+def test_film_subset_of_layers_and_unknown_family(tok):
+    m = tiny_model("llama", tok, n_layers=3)
+    cfg = FiLMConfig(d_z=2, hidden_size=64, n_layers=3, layers=[-1])
+    assert cfg.modulated() == [2]
+    film = FiLM(cfg).attach(m)
+    assert len(film._handles) == 1 and film.weight.shape == (1, 128, 2)
+    with pytest.raises(ValueError, match="distinct indices"):
+        FiLMConfig(d_z=2, hidden_size=64, n_layers=3, layers=[0, 3])
+    from transformers import BertConfig, BertLMHeadModel
+
+    bert = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, is_decoder=True))
+    with pytest.raises(UnsupportedModelError, match="bert.*supports.*gpt2.*llama.*qwen2"):
+        find_decoder_layers(bert)
+
+
+def test_response_span_is_exact_for_a_chat_template(tok):
+    policy = make_policy("llama", tok)
+    prompt, response = "How do I get into tea?", "Try tea daily."
+    (p_ids, r_ids), = policy.encode([prompt], [response])
+    rendered = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(p_ids) == rendered
+    assert rendered.endswith("<|im_start|>assistant\n")
+    assert tok.decode(r_ids) == response + "<|im_end|>"  # every response token and the end of turn
+    full = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                                   tokenize=False)
+    assert full.startswith(tok.decode(p_ids + r_ids))
+    s = collate([(p_ids, r_ids), (p_ids[:3], r_ids)], policy.pad_id)
+    assert s.response_mask[0].sum() == len(r_ids)
+    # sequence_logprobs sums exactly the response positions of the full-logit computation
+    with torch.no_grad():
+        got = policy.sequence_logprobs(s)
+        logits = policy.lm(input_ids=s.input_ids, attention_mask=s.attention_mask).logits.log_softmax(-1)
+    for i, (pl, rl) in enumerate([(len(p_ids), len(r_ids)), (3, len(r_ids))]):
+        want = sum(logits[i, t - 1, s.input_ids[i, t]] for t in range(pl, pl + rl))
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reference_ignores_z_and_equals_the_plain_base(family, tok):
+    base = tiny_model(family, tok, seed=5)
+    policy = make_policy(family, tok, seed=5)
+    _perturb(policy)
+    s = collate(policy.encode(PROMPTS, ["Try tea daily.", "Here is a thorough answer about chess."]), policy.pad_id)
+    with torch.no_grad():
+        logp = base(input_ids=s.input_ids, attention_mask=s.attention_mask).logits.log_softmax(-1)
+        tm = s.response_mask[:, 1:]
+        want = (logp[:, :-1].gather(-1, s.input_ids[:, 1:, None])[..., 0] * tm).sum(1)
+        refs = []
+        for z in (torch.zeros(2, 4), torch.randn(2, 4)):
+            with policy.conditioned(z):  # a z set outside must not leak into the reference
+                refs.append(policy.reference_logprobs(s))
+        with policy.conditioned(torch.randn(2, 4)):
+            steered = policy.sequence_logprobs(s)
+    torch.testing.assert_close(refs[0], want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(refs[0], refs[1])
+    assert not torch.allclose(steered, want)
+
+
+def _step_inputs(policy, pairs, seed=0):
+    from core.data.tasks import TaskSampler
+
+    data = PolicyData(policy, pairs, toy_emb(pairs))
+    batch = TaskSampler(pairs, TaskConfig(n_targets=4, max_context=3, min_context=2), "train", seed).sample(0, 2)
+    return data, batch
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_np_dpo_steps_move_only_lora_film_and_encoder(family, tok):
+    pairs = toy_pairs()
+    policy = make_policy(family, tok)
+    policy.train()
+    data, batch = _step_inputs(policy, pairs)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2, weight_decay=0.0)
+    enc_grad = 0.0
+    for _ in range(2):  # FiLM starts at zero, so the encoder's first gradient is exactly 0
+        inp = data.inputs(policy, batch, batch.target_mask)
+        loss, m = policy(inp)
+        opt.zero_grad()
+        loss.backward()
+        enc_grad += sum(p.grad.abs().sum().item() for p in policy.encoder.parameters() if p.grad is not None)
+        opt.step()
+    assert enc_grad > 0
+    moved = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(("lora_" in n) or n.startswith(("film.", "encoder.")) for n in moved), moved
+    assert any("lora_B" in n for n in moved) and any(n.startswith("film.") for n in moved)
+    assert any(n.startswith("encoder.") for n in moved)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert all(("lora_" in n) or n.startswith(("film.", "encoder.")) for n in trainable)
+
+
+def test_dpo_logit_is_zero_at_init_and_cached_reference_matches(tok):
+    pairs = toy_pairs()
+    policy = make_policy("qwen2", tok)
+    data, batch = _step_inputs(policy, pairs)
+    with torch.no_grad():
+        cached = policy.dpo_logits(data.inputs(policy, batch, batch.target_mask, cache_reference=True))
+        fresh = policy.dpo_logits(data.inputs(policy, batch, batch.target_mask, cache_reference=False))
+    assert torch.equal(cached, torch.zeros_like(cached)) and torch.equal(fresh, cached)
+    assert not torch.isnan(data.ref[batch.target_idx[batch.target_mask]]).any()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_greedy_generation_equals_uncached(family, tok):
+    policy = make_policy(family, tok)
+    _perturb(policy)
+    z = torch.randn(2, 4)
+    cached = policy.generate(PROMPTS, z, max_new_tokens=12, return_tokens=True)
+    uncached = policy.generate(PROMPTS, z, max_new_tokens=12, use_cache=False, return_tokens=True)
+    assert cached == uncached
+    assert any(len(t) > 0 for t in cached)
+
+
+def test_stream_yields_growing_rows_and_ends_at_the_generated_text(tok):
+    policy = make_policy("gpt2", tok)
+    _perturb(policy)
+    z = torch.randn(2, 4)
+    final = policy.generate(PROMPTS, z, max_new_tokens=10)
+    chunks = list(policy.stream(PROMPTS, z, max_new_tokens=10))
+    assert 1 <= len(chunks) <= 10
+    assert [c.strip() for c in chunks[-1]] == final
+
+
+def test_lm_embedder_last_token_is_padding_invariant(tok):
+    policy = make_policy("llama", tok)
+    _perturb(policy)
+    assert last_token_index(torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 0]])).tolist() == [1, 2, 0]
+    emb = LMEmbedder(policy.lm, tok, "tiny", context=policy.reference)
+    texts = ["Try tea daily.", "Here is a thorough answer about chess. First, start slowly."]
+    tok.padding_side = "right"
+    right = emb.embed(texts)
+    tok.padding_side = "left"
+    left = emb.embed(texts)
+    tok.padding_side = "right"
+    alone = emb.embed(texts[:1])
+    torch.testing.assert_close(right, left, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(right[:1], alone, rtol=1e-4, atol=1e-5)
+
+
+def _train(tmp_path, family, tok, model="np-dpo", steps=30, **kw):
+    pairs = toy_pairs()
+    run = policy_run_config({"train": {"steps": steps, "batch_size": 4, "lr": 3e-2, "warmup_steps": 2,
+                                       "eval_every": 10, "val_tasks": 4, "checkpoint_every": 10},
+                             "tasks": {"n_targets": 4, "max_context": 3},
+                             "model": {"d_z": 4, "d_in": 4, "lora_r": 4, "lora_alpha": 8}})
+    base = (tiny_model(family, tok, seed=0), tok, {"kind": "test", "name": f"tiny-{family}"})
+    meta = train_policy(pairs, model, tmp_path / "bundle", run, base, emb=toy_emb(pairs), include_base=True,
+                        quiet=True, **kw)
+    return pairs, meta
+
+
+def test_trained_rows_with_different_z_differ_and_bundle_round_trips(tmp_path, tok):
+    pairs, meta = _train(tmp_path, "llama", tok)
+    assert meta["metrics"]["history"] and meta["base"]["kind"] == "test"
+    policy, bmeta = load_policy_bundle(tmp_path / "bundle")
+    assert bmeta["base"]["kind"] == "bundled" and bmeta["model"] == "np-dpo"
+    ea, eb = toy_emb(pairs)
+    # one context pair per opposite user: the short answer chosen vs the long one chosen
+    i = 0
+    short_is_a = len(pairs.a[i]) < len(pairs.b[i])
+    z = policy.latent(ea[[i, i]][:, None], eb[[i, i]][:, None],
+                      torch.tensor([[0.0 if short_is_a else 1.0], [1.0 if short_is_a else 0.0]]),
+                      torch.ones(2, 1, dtype=torch.bool))
+    s = collate(policy.encode(PROMPTS[:1] * 2, ["Try tea daily."] * 2), policy.pad_id)
+    with torch.no_grad(), policy.conditioned(z):
+        lp = policy.sequence_logprobs(s)
+    assert abs(lp[0] - lp[1]) > 1e-3  # the two users' rows differ
+    # exact round trip: a second load gives identical tensors and log-probs
+    again, _ = load_policy_bundle(tmp_path / "bundle")
+    a, b = policy.adapter_state(), again.adapter_state()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad(), again.conditioned(z):
+        assert torch.equal(again.sequence_logprobs(s), lp)
+
+
+def test_dpo_baseline_has_no_encoder_and_tampered_bundles_fail(tmp_path, tok):
+    _train(tmp_path, "gpt2", tok, model="dpo", steps=6)
+    policy, meta = load_policy_bundle(tmp_path / "bundle")
+    assert policy.encoder is None and policy.film is None and meta["embedder"] is None
+    with pytest.raises(ValueError, match="unconditioned"):
+        policy.generate(PROMPTS, torch.zeros(2, 4))
+    f = tmp_path / "bundle" / "adapter" / "adapter_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="adapter_model.safetensors does not match its sha256"):
+        load_policy_bundle(tmp_path / "bundle")
+
+
+def test_policy_bundle_names_missing_and_unexpected_keys(tmp_path, tok):
+    policy = make_policy("qwen2", tok)
+    save_policy_bundle(tmp_path / "b", policy, {"base": {"kind": "test"}, "model": "np-dpo"}, include_base=True)
+    from core.bundle import read_manifest, save_bundle, read_file_checked
+
+    meta = read_manifest(tmp_path / "b")
+    files = {n: read_file_checked(tmp_path / "b", n, meta) for n in meta["files"]}
+    from safetensors.torch import load as st_load
+
+    film = st_load(files.pop("film.safetensors"))
+    film["extra"] = torch.zeros(1)
+    del film["bias"]
+    body = {k: v for k, v in meta.items() if k not in ("files", "format_version")}
+    save_bundle(tmp_path / "c", body, {"film": film}, files)
+    with pytest.raises(BundleError, match=r"missing keys \['film.bias'\].*unexpected keys \['film.extra'\]"):
+        load_policy_bundle(tmp_path / "c")
+
+
+def test_train_policy_resumes_to_the_same_bundle(tmp_path, tok, monkeypatch):
+    import core.train as tr
+
+    _, full = _train(tmp_path / "full", "gpt2", tok, steps=20)
+    real = tr.TaskSampler.sample
+
+    def crash(self, index, *a, **k):
+        if index == 14:  # training batch 14; validation batches sit at large offsets
+            raise KeyboardInterrupt
+        return real(self, index, *a, **k)
+
+    monkeypatch.setattr(tr.TaskSampler, "sample", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "cut", "gpt2", tok, steps=20)
+    monkeypatch.setattr(tr.TaskSampler, "sample", real)
+    assert (tmp_path / "cut" / "bundle.ckpt").is_dir()
+    _, resumed = _train(tmp_path / "cut", "gpt2", tok, steps=20)
+    a, _ = load_policy_bundle(tmp_path / "full" / "bundle")
+    b, _ = load_policy_bundle(tmp_path / "cut" / "bundle")
+    sa, sb = a.adapter_state(), b.adapter_state()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert full["metrics"]["history"] == resumed["metrics"]["history"]

@@ -1,11 +1,16 @@
 """Evaluation CLI: accuracy on unseen pairs by user type and context size.
 
     python -m core.evaluate reward --bundle DIR --pairs FILE --split test --contexts 0,1,3,5,10 --json OUT
+    python -m core.evaluate policy --bundle DIR --pairs FILE --contexts 0,1,3,5,10 --json OUT
 
 Writes {"accuracy": {type: {N_C: {"mean", "se", "n", "tasks"}}}, "overall": {N_C: {...}}} with
 fractions in [0, 1], and prints the same as a table. Only targets outside the task's own
 context are scored (ties are not scorable and are counted under "ties"). Cells share the
 sampler seed but not their target sets, so each cell is an independent estimate.
+
+For a policy the accuracy is the implicit reward's (β·log π/π_ref of b vs a, with z from the
+task's context), and "conflict_sum" adds, for every two user types, their accuracies on the
+pairs where they disagree: about 100 % for a user-blind policy, more when it really steers.
 """
 
 from __future__ import annotations
@@ -14,14 +19,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from core.bundle import BundleError, load_reward_bundle
 from core.data.pairs import PairSet, PairsFormatError, load_pairs
-from core.data.tasks import TaskConfig, TaskSampler
+from core.data.tasks import TaskBatch, TaskConfig, TaskSampler
 from core.reward import PreferenceModel, gather_features
 
 
@@ -36,21 +41,19 @@ def _cell(per_task_correct: list[np.ndarray], per_task_scored: list[np.ndarray],
             "tasks": int(keep.sum()), "ties": int(ties)}
 
 
-@torch.no_grad()
-def evaluate_reward(model: PreferenceModel, pairs: PairSet, emb: tuple[torch.Tensor, torch.Tensor],
-                    split: str = "test", contexts: tuple[int, ...] = (0, 1, 3, 5, 10), n_tasks: int = 500,
-                    n_targets: int = 20, seed: int = 0, batch_size: int = 250, context_mode: str = "subset",
-                    target_pool: np.ndarray | None = None, context_pool: np.ndarray | None = None,
-                    user_types: list[str] | None = None) -> dict[str, Any]:
-    """Accuracy per user type and N_C on unseen targets (see module doc for the output shape)."""
-    model.eval()
-    emb_a, emb_b = emb
+ScoreFn = Callable[[TaskBatch], tuple[np.ndarray, np.ndarray]]  # batch -> correct (B, T), scored (B, T)
+
+
+def evaluate_cells(pairs: PairSet, score: ScoreFn, split: str = "test", contexts: tuple[int, ...] = (0, 1, 3, 5, 10),
+                   n_tasks: int = 500, n_targets: int = 20, seed: int = 0, batch_size: int = 250,
+                   context_mode: str = "subset", target_pool: np.ndarray | None = None,
+                   context_pool: np.ndarray | None = None, user_types: list[str] | None = None) -> dict[str, Any]:
+    """Accuracy per user type and N_C of any scorer (see module doc for the output shape)."""
     types = user_types if user_types is not None else pairs.user_types
     max_c = max(contexts)
     n_targets = max(n_targets, max_c + 1) if context_mode == "subset" else n_targets
     cfg = TaskConfig(n_targets=n_targets, max_context=max_c, context_mode=context_mode)
     sampler = TaskSampler(pairs, cfg, split=split, seed=seed, target_pool=target_pool, context_pool=context_pool)
-    g = torch.Generator().manual_seed(seed)
     out: dict[str, Any] = {"accuracy": {}, "overall": {}, "split": split, "n_targets": n_targets,
                            "tasks_per_cell": n_tasks, "context_mode": context_mode}
     pooled: dict[int, tuple[list, list, int]] = {c: ([], [], 0) for c in contexts}
@@ -60,15 +63,82 @@ def evaluate_reward(model: PreferenceModel, pairs: PairSet, emb: tuple[torch.Ten
             corr, sc, ties = [], [], 0
             for k, left in enumerate(range(n_tasks, 0, -batch_size)):
                 b = sampler.sample(k, min(batch_size, left), n_context=n_c, user_type=u)
-                r = model.evaluate(gather_features(b, emb_a, emb_b), g)
-                corr.append(r["correct"].numpy())
-                sc.append(r["scored"].numpy())
+                c, s = score(b)
+                corr.append(c)
+                sc.append(s)
                 ties += int((b.unseen_mask & (b.target_choice == 0.5)).sum())
             out["accuracy"][u][str(n_c)] = _cell(corr, sc, ties)
             pc, ps, pt = pooled[n_c]
             pooled[n_c] = (pc + corr, ps + sc, pt + ties)
     for n_c, (pc, ps, pt) in pooled.items():
         out["overall"][str(n_c)] = _cell(pc, ps, pt)
+    return out
+
+
+@torch.no_grad()
+def evaluate_reward(model: PreferenceModel, pairs: PairSet, emb: tuple[torch.Tensor, torch.Tensor],
+                    split: str = "test", contexts: tuple[int, ...] = (0, 1, 3, 5, 10), n_tasks: int = 500,
+                    n_targets: int = 20, seed: int = 0, batch_size: int = 250, context_mode: str = "subset",
+                    target_pool: np.ndarray | None = None, context_pool: np.ndarray | None = None,
+                    user_types: list[str] | None = None) -> dict[str, Any]:
+    """Accuracy of a reward model per user type and N_C on unseen targets."""
+    model.eval()
+    emb_a, emb_b = emb
+    g = torch.Generator().manual_seed(seed)
+
+    def score(b: TaskBatch) -> tuple[np.ndarray, np.ndarray]:
+        r = model.evaluate(gather_features(b, emb_a, emb_b), g)
+        return r["correct"].numpy(), r["scored"].numpy()
+
+    return evaluate_cells(pairs, score, split, contexts, n_tasks, n_targets, seed, batch_size, context_mode,
+                          target_pool, context_pool, user_types)
+
+
+@torch.no_grad()
+def evaluate_policy(policy, pairs: PairSet, emb: tuple[torch.Tensor, torch.Tensor] | None, split: str = "test",
+                    contexts: tuple[int, ...] = (0, 1, 3, 5, 10), n_tasks: int = 100, n_targets: int = 8,
+                    seed: int = 0, batch_size: int = 8, context_mode: str = "subset",
+                    conflict_sums: bool = True) -> dict[str, Any]:
+    """Implicit-reward accuracy of a policy per user type and N_C on unseen pairs.
+
+    With two or more user types, also the sum of every two types' accuracies on the pairs
+    where they disagree ("conflict_sum"): ≈ 100 % for a user-blind policy, up to 200 % for one
+    that steers perfectly.
+    """
+    from core.policy import PolicyData
+
+    policy.eval()
+    data = PolicyData(policy, pairs, emb)
+
+    def score(b: TaskBatch) -> tuple[np.ndarray, np.ndarray]:
+        scored = b.unseen_mask & b.target_mask & (b.target_choice != 0.5)  # (B, T)
+        correct = torch.zeros(scored.shape)
+        if scored.any():
+            inp = data.inputs(policy, b, scored).to(policy.device)
+            logit = policy.dpo_logits(inp).float().cpu()  # (R,)
+            correct[scored] = ((logit > 0) == (inp.choice.cpu() > 0.5)).float()
+        return correct.numpy(), scored.numpy()
+
+    out = evaluate_cells(pairs, score, split, contexts, n_tasks, n_targets, seed, batch_size, context_mode)
+    out["metric"] = "implicit-reward accuracy"
+    if conflict_sums and len(pairs.user_types) >= 2:
+        out["conflict_sum"] = {}
+        types = pairs.user_types
+        split_rows = set(pairs.indices(split).tolist())
+        for i, t1 in enumerate(types):
+            for t2 in types[i + 1:]:
+                pool = np.array(sorted(set(np.flatnonzero(pairs.conflicting(t1, t2)).tolist()) & split_rows), dtype=np.int64)
+                key = f"{t1} + {t2}"
+                if len(pool) < n_targets:
+                    out["conflict_sum"][key] = {"skipped": f"only {len(pool)} conflicting {split} pairs"}
+                    continue
+                r = evaluate_cells(pairs, score, split, contexts, n_tasks, n_targets, seed + 1, batch_size,
+                                   context_mode, target_pool=pool, context_pool=pool, user_types=[t1, t2])
+                out["conflict_sum"][key] = {
+                    c: {"sum": r["accuracy"][t1][c]["mean"] + r["accuracy"][t2][c]["mean"],
+                        "se": float(np.hypot(r["accuracy"][t1][c]["se"], r["accuracy"][t2][c]["se"])),
+                        t1: r["accuracy"][t1][c]["mean"], t2: r["accuracy"][t2][c]["mean"]}
+                    for c in r["overall"]}
     return out
 
 
@@ -98,6 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--context-mode", default="subset", choices=("subset", "disjoint"))
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json", type=Path, help="write the result here")
+    p = sub.add_parser("policy", help="implicit-reward accuracy of a policy bundle on a pairs file")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--pairs", required=True, type=Path)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--contexts", default="0,1,3,5,10", help="comma-separated context sizes N_C")
+    p.add_argument("--tasks", type=int, default=100, help="tasks per (user type, N_C) cell")
+    p.add_argument("--targets", type=int, default=8, help="N_T per task")
+    p.add_argument("--context-mode", default="subset", choices=("subset", "disjoint"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embed-cache", type=Path, help="safetensors file caching context embeddings")
+    p.add_argument("--json", type=Path, help="write the result here")
     args = ap.parse_args(argv)
     try:
         contexts = tuple(int(c) for c in args.contexts.split(","))
@@ -106,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: --contexts: {e}", file=sys.stderr)
         return 2
+    if args.what == "policy":
+        return _main_policy(args, contexts)
     try:
         model, meta = load_reward_bundle(args.bundle)
         pairs = load_pairs(args.pairs)
@@ -122,6 +205,62 @@ def main(argv: list[str] | None = None) -> int:
     res["bundle"] = str(args.bundle)
     res["model"] = meta.get("model")
     print(format_table(res, f"{meta.get('model')} on {args.pairs} [{args.split}]: accuracy on unseen pairs (%)"))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def bundle_embedder(policy, meta: dict[str, Any]):
+    """The embedder a policy bundle was trained with (None for the DPO baseline)."""
+    from core.embed import EmbedderError
+
+    emb = meta.get("embedder")
+    if not emb:
+        return None
+    from core.train import make_embedder
+
+    name = emb.get("name") or ""
+    if name == "all-minilm-l6-v2":
+        e = make_embedder("minilm")
+    elif name.startswith("base:"):
+        e = make_embedder("base", policy)
+    else:
+        raise EmbedderError(f"the bundle's context embeddings came from {name!r}, which this CLI can't rebuild")
+    if e.dim != emb.get("dim"):
+        raise EmbedderError(f"embedder {name} gives {e.dim}-d vectors, the bundle expects {emb.get('dim')}")
+    return e
+
+
+def _main_policy(args: argparse.Namespace, contexts: tuple[int, ...]) -> int:
+    from core.basemodels import BaseModelError
+    from core.bundle import load_policy_bundle
+    from core.embed import EmbedderError, EmbeddingCache, embed_pairs
+
+    try:
+        policy, meta = load_policy_bundle(args.bundle)
+        pairs = load_pairs(args.pairs)
+        embedder = bundle_embedder(policy, meta)
+        emb = None
+        if embedder is not None:
+            cache = EmbeddingCache(embedder, args.embed_cache)
+            emb = embed_pairs(pairs, cache)
+            cache.save()
+        res = evaluate_policy(policy, pairs, emb, args.split, contexts, args.tasks, args.targets, args.seed,
+                              context_mode=args.context_mode)
+    except (PairsFormatError, BundleError, BaseModelError, EmbedderError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res["bundle"] = str(args.bundle)
+    res["model"] = meta.get("model")
+    print(format_table(res, f"{meta.get('model')} on {args.pairs} [{args.split}]: implicit-reward accuracy (%)"))
+    for key, cells in res.get("conflict_sum", {}).items():
+        if "skipped" in cells:
+            print(f"conflicting pairs, {key}: skipped ({cells['skipped']})")
+            continue
+        print(f"conflicting pairs, {key} (sum %; ~100 = user-blind): " +
+              "  ".join(f"N_C={c}: {100 * v['sum']:.1f} ± {100 * v['se']:.1f}" for c, v in cells.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2) + "\n")

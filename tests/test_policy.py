@@ -340,3 +340,33 @@ def test_train_policy_resumes_to_the_same_bundle(tmp_path, tok, monkeypatch):
     sa, sb = a.adapter_state(), b.adapter_state()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert full["metrics"]["history"] == resumed["metrics"]["history"]
+
+
+def test_policy_cli_trains_and_evaluates_from_a_local_base_folder(tmp_path, tok, capsys):
+    from core.data.pairs import write_pairs
+    from core.evaluate import main as evaluate_main
+    from core.train import main as train_main
+
+    tiny_model("llama", tok).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    write_pairs(tmp_path / "pairs.jsonl", toy_pairs())
+    (tmp_path / "run.yaml").write_text(
+        "train: {steps: 4, batch_size: 2, eval_every: 2, val_tasks: 2, warmup_steps: 1}\n"
+        "tasks: {n_targets: 4, max_context: 3}\n"
+        "model: {embedder: base, d_z: 4, lora_r: 2, lora_alpha: 4}\n")
+    out = tmp_path / "pol"
+    rc = train_main(["policy", "--pairs", str(tmp_path / "pairs.jsonl"), "--base", str(tmp_path / "base"),
+                     "--model", "np-dpo", "--out", str(out), "--config", str(tmp_path / "run.yaml"), "--quiet"])
+    assert rc == 0 and (out / "adapter" / "adapter_config.json").is_file()
+    rc = evaluate_main(["policy", "--bundle", str(out), "--pairs", str(tmp_path / "pairs.jsonl"),
+                        "--contexts", "0,1", "--tasks", "3", "--targets", "4", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert set(res["accuracy"]) == {"terse", "thorough"} and set(res["accuracy"]["terse"]) == {"0", "1"}
+    assert set(res["conflict_sum"]["terse + thorough"]) == {"0", "1"}
+    cell = res["conflict_sum"]["terse + thorough"]["1"]
+    assert cell["sum"] == pytest.approx(cell["terse"] + cell["thorough"])
+    # a base that does not exist gets a message, not a traceback
+    rc = train_main(["policy", "--pairs", str(tmp_path / "pairs.jsonl"), "--base", str(tmp_path / "nope"),
+                     "--model", "dpo", "--out", str(tmp_path / "x"), "--quiet"])
+    assert rc == 2 and "nope" in capsys.readouterr().err

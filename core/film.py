@@ -122,11 +122,29 @@ class FiLM(nn.Module):
         self.weight = nn.Parameter(torch.zeros(L, 2 * H, cfg.d_z))
         self.bias = nn.Parameter(torch.zeros(L, 2 * H))
         self._active: torch.Tensor | None = None  # (L, B, 2H) while conditioned
+        self._ready: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def factors(self, z: torch.Tensor) -> torch.Tensor:
         """z: (B, d_z) -> (L, B, 2H): [γ - 1 ‖ β] per modulated block and row."""
         return torch.einsum("lod,bd->lbo", self.weight, z.to(self.weight.dtype)) + self.bias[:, None, :]
+
+    def set_factors(self, f: torch.Tensor | None) -> None:
+        """Set the active [γ - 1 ‖ β] (L, B, 2H) directly (None = off); `condition` is the usual way."""
+        self._active = f
+        self._ready = {}
+
+    def _scale_shift(self, j: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 + γ_j), β_j as contiguous (B, 1, H) tensors in the hidden states' dtype, made once per z.
+
+        Contiguous standard strides matter: a broadcast view would hand odd strides to every
+        later op of a decoding step, and CPU matmuls then take a copying slow path (3x slower).
+        """
+        key = (j, dtype)
+        if key not in self._ready:
+            g, b = self._active[j].chunk(2, -1)  # 2 x (B, H)
+            self._ready[key] = ((1 + g).to(dtype).unsqueeze(1).contiguous(), b.to(dtype).unsqueeze(1).contiguous())
+        return self._ready[key]
 
     def attach(self, model: nn.Module) -> "FiLM":
         """Register the hooks on `model`'s decoder layers (once)."""
@@ -150,13 +168,13 @@ class FiLM(nn.Module):
             if f is None:
                 return out
             h = out[0] if isinstance(out, tuple) else out  # (B, T, H)
-            g, b = f[j].chunk(2, -1)  # 2 x (Bz, H)
+            g, b = self._scale_shift(j, h.dtype)  # 2 x (Bz, 1, H)
             if h.shape[0] != g.shape[0]:  # generate() may expand rows (num_return_sequences)
                 if h.shape[0] % g.shape[0]:
                     raise ValueError(f"FiLM: {g.shape[0]} latents for a batch of {h.shape[0]} rows")
                 rep = h.shape[0] // g.shape[0]
                 g, b = g.repeat_interleave(rep, 0), b.repeat_interleave(rep, 0)
-            h = h * (1 + g[:, None, :]).to(h.dtype) + b[:, None, :].to(h.dtype)  # (B, T, H)
+            h = torch.addcmul(b, h, g)  # (B, T, H): (1 + γ) ⊙ h + β
             return (h, *out[1:]) if isinstance(out, tuple) else h
         return hook
 
@@ -166,11 +184,11 @@ class FiLM(nn.Module):
         if z is not None and (z.ndim != 2 or z.shape[1] != self.cfg.d_z):
             raise ValueError(f"FiLM: z must be (batch, {self.cfg.d_z}), got {tuple(z.shape)}")
         prev = self._active
-        self._active = None if z is None else self.factors(z)
+        self.set_factors(None if z is None else self.factors(z))
         try:
             yield
         finally:
-            self._active = prev
+            self.set_factors(prev)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:

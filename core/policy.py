@@ -56,6 +56,7 @@ class PolicyConfig:
     cache_reference: bool = True  # reference log-probs computed once per response
     gradient_checkpointing: bool = False
     freeze_encoder: bool = False  # e.g. after a warm start from an NP-BTL bundle
+    sft_weight: float = 0.0  # > 0 adds λ·(per-token NLL of the chosen response | z) to the DPO loss
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
@@ -258,8 +259,28 @@ class SteerablePolicy(nn.Module):
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """Within the block the model is the plain base: LoRA and FiLM switched off."""
-        with self._lock, self.lm.disable_adapter(), (self.film.disabled() if self.film else contextlib.nullcontext()):
-            yield
+        with self._lock:
+            merged = self.merged
+            if merged:  # merged LoRA lives in the base weights: take it out for the duration
+                self.lm.unmerge_adapter()
+            try:
+                with self.lm.disable_adapter(), (self.film.disabled() if self.film else contextlib.nullcontext()):
+                    yield
+            finally:
+                if merged:
+                    self.lm.merge_adapter()
+
+    @property
+    def merged(self) -> bool:
+        return any(getattr(m, "merged", False) for m in self.lm.modules() if hasattr(m, "merged_adapters"))
+
+    def merge_for_inference(self) -> "SteerablePolicy":
+        """Fold LoRA into the base weights (reversibly) for faster generation; training and the
+        reference still work (the reference unmerges for its duration)."""
+        with self._lock:
+            if not self.merged:
+                self.lm.merge_adapter()
+        return self
 
     @contextlib.contextmanager
     def conditioned(self, z: torch.Tensor | None) -> Iterator[None]:
@@ -336,11 +357,13 @@ class SteerablePolicy(nn.Module):
                 logits = torch.tanh(logits / cap) * cap
             return logits.gather(-1, tc[:, None])[:, 0] - logits.logsumexp(-1)  # (m,)
 
+        # Small batches keep their (tokens, vocab) logits for backward; large ones recompute them
+        # chunk by chunk in backward, which bounds memory at the price of one more head pass.
+        recompute = torch.is_grad_enabled() and hs.shape[0] * head.weight.shape[0] > 2 ** 26
         chunks = []
-        for i in range(0, hs.shape[0], 512):  # bounds the (tokens, vocab) logits held at once
+        for i in range(0, hs.shape[0], 512):
             hc, tc = hs[i:i + 512], tgt[i:i + 512]
-            chunks.append(checkpoint(token_lp, hc, tc, use_reentrant=False) if torch.is_grad_enabled()
-                          else token_lp(hc, tc))
+            chunks.append(checkpoint(token_lp, hc, tc, use_reentrant=False) if recompute else token_lp(hc, tc))
         lp = torch.cat(chunks) if chunks else hs.new_zeros(0, dtype=torch.float32)  # (M,)
         row = torch.arange(s.input_ids.shape[0], device=lp.device)[:, None].expand_as(tmask)[tmask]  # (M,)
         return torch.zeros(s.input_ids.shape[0], device=lp.device, dtype=lp.dtype).index_add(0, row, lp)  # (N,)
@@ -358,30 +381,41 @@ class SteerablePolicy(nn.Module):
 
     # -- NP-DPO ----------------------------------------------------------------------------
     def forward(self, inp: DPOInputs) -> tuple[torch.Tensor, dict[str, float]]:
-        """DPO loss over the scored target pairs; forward() so DDP syncs gradients."""
-        logit = self.dpo_logits(inp)  # (R,)
+        """DPO loss over the scored target pairs (+ optional SFT on the chosen); forward() so DDP syncs."""
+        logit, lp = self.dpo_logits(inp, return_logprobs=True)  # (R,), (2R,)
         nll = btl_nll(logit, inp.choice)  # (R,)
         loss = nll.mean()
         decided = inp.choice != 0.5
         acc = ((logit > 0) == (inp.choice > 0.5))[decided].float().mean() if decided.any() else logit.new_tensor(0.0)
-        return loss, {"loss": loss.item(), "acc": acc.item()}
+        metrics = {"acc": acc.item()}
+        if self.cfg.sft_weight > 0 and decided.any():
+            n_tok = inp.seqs.response_mask.sum(1).clamp_min(1).to(lp.dtype)  # (2R,)
+            per_tok = (lp / n_tok).view(2, -1)  # (2, R): a rows, b rows
+            chosen = torch.where(inp.choice > 0.5, per_tok[1], per_tok[0])  # (R,)
+            sft = -chosen[decided].mean()
+            metrics["sft_nll"] = sft.item()
+            loss = loss + self.cfg.sft_weight * sft
+        metrics["loss"] = loss.item()
+        return loss, metrics
 
-    def dpo_logits(self, inp: DPOInputs) -> torch.Tensor:
-        """β[(log π_b − log ref_b) − (log π_a − log ref_a)] per target pair, (R,)."""
+    def dpo_logits(self, inp: DPOInputs, return_logprobs: bool = False):
+        """β[(log π_b − log ref_b) − (log π_a − log ref_a)] per target pair, (R,)
+        (and the policy's log-probs (2R,) with return_logprobs)."""
         ref = inp.ref if inp.ref is not None else self.reference_logprobs(inp.seqs)  # (2R,)
         if self.film is not None:
             z = self.latent(inp.context_a, inp.context_b, inp.context_choice, inp.context_mask)  # (B, d_z)
             zr = z[inp.row_task]  # (R, d_z)
             # Set, not a context block: gradient checkpointing re-runs the hooks during backward.
-            self.film._active = self.film.factors(torch.cat([zr, zr]))  # (L, 2R, 2H)
+            self.film.set_factors(self.film.factors(torch.cat([zr, zr])))  # (L, 2R, 2H)
         try:
             lp = self.sequence_logprobs(inp.seqs)  # (2R,)
         finally:
             if self.film is not None and not (self.training and self.cfg.gradient_checkpointing):
-                self.film._active = None
+                self.film.set_factors(None)
         d = lp - ref  # (2R,)
         d_a, d_b = d.chunk(2)  # 2 x (R,)
-        return self.cfg.beta * (d_b - d_a)
+        logit = self.cfg.beta * (d_b - d_a)
+        return (logit, lp) if return_logprobs else logit
 
     # -- generation ------------------------------------------------------------------------
     def _prompt_batch(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,7 +442,7 @@ class SteerablePolicy(nn.Module):
     def generate(self, prompts: Sequence[str], z: torch.Tensor | None = None, max_new_tokens: int = 128,
                  do_sample: bool = False, temperature: float = 0.8, top_p: float = 0.95, seed: int | None = None,
                  base: bool = False, use_cache: bool = True, streamer: BatchStreamer | None = None,
-                 return_tokens: bool = False) -> list[str] | list[list[int]]:
+                 return_tokens: bool = False, min_new_tokens: int = 0) -> list[str] | list[list[int]]:
         """Responses for a batch of prompts; z is (B, d_z) (one per row), (d_z,) for all, or None.
 
         base=True generates with the plain base model (LoRA and FiLM off). return_tokens gives
@@ -420,7 +454,8 @@ class SteerablePolicy(nn.Module):
         x, am = self._prompt_batch(prompts)
         zr = self._z_rows(z, len(prompts))
         mode = self.reference() if base else self.conditioned(zr)
-        kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=use_cache,
+        kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
+                                  do_sample=do_sample, use_cache=use_cache,
                                   eos_token_id=self.chat.stop_ids, pad_token_id=self.pad_id, streamer=streamer)
         if do_sample:
             kw.update(temperature=temperature, top_p=top_p, top_k=0)

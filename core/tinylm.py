@@ -68,3 +68,41 @@ def tiny_model(family: Family, tokenizer, seed: int = 0, **kw):
     cfg = tiny_config(family, len(tokenizer), tokenizer=tokenizer, **kw)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def train_lm(model, tokenizer, examples: list[tuple[str, str]], steps: int = 600, batch_size: int = 32,
+             lr: float = 3e-3, seed: int = 0, max_tokens: int = 256, quiet: bool = True,
+             log_every: int = 100) -> list[dict]:
+    """Supervised fine-tuning of `model` on (prompt, response) pairs: the loss is the NLL of the
+    response tokens (and end of turn) after the chat-rendered prompt. Returns the loss history."""
+    import math
+
+    from core.policy import ChatFormat, collate
+
+    chat = ChatFormat(tokenizer)
+    rows = [(chat.prompt_ids(p, max_tokens), chat.response_ids(r, max_tokens)) for p, r in examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else chat.stop_ids[0]
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    history, run = [], 0.0
+    for step in range(steps):
+        warm = min(1.0, (step + 1) / max(1, steps // 20))
+        for grp in opt.param_groups:
+            grp["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        idx = torch.randint(len(rows), (batch_size,), generator=g).tolist()
+        s = collate([rows[i] for i in idx], pad)
+        logits = model(input_ids=s.input_ids, attention_mask=s.attention_mask).logits  # (B, L, V)
+        tmask = s.response_mask[:, 1:]  # (B, L-1)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1][tmask], s.input_ids[:, 1:][tmask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        run = loss.item() if step == 0 else 0.95 * run + 0.05 * loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            history.append({"step": step + 1, "loss": round(run, 4)})
+            if not quiet:
+                print(f"  lm step {step + 1}/{steps}: loss {run:.3f}", flush=True)
+    model.eval()
+    return history

@@ -383,7 +383,7 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         if raw.film is not None:
-            raw.film._active = None
+            raw.film.set_factors(None)
         if tc.grad_clip:
             acc.clip_grad_norm_(raw.trainable_parameters(), tc.grad_clip)
         opt.step()

@@ -370,3 +370,55 @@ def test_policy_cli_trains_and_evaluates_from_a_local_base_folder(tmp_path, tok,
     rc = train_main(["policy", "--pairs", str(tmp_path / "pairs.jsonl"), "--base", str(tmp_path / "nope"),
                      "--model", "dpo", "--out", str(tmp_path / "x"), "--quiet"])
     assert rc == 2 and "nope" in capsys.readouterr().err
+
+
+def test_sft_term_adds_the_chosen_per_token_nll(tok):
+    pairs = toy_pairs()
+    plain = make_policy("llama", tok)
+    sft = make_policy("llama", tok, sft_weight=0.5)
+    data, batch = _step_inputs(plain, pairs)
+    inp = data.inputs(plain, batch, batch.target_mask)
+    with torch.no_grad():
+        l0, m0 = plain(inp)
+        l1, m1 = sft(inp)
+        lp = plain.sequence_logprobs(inp.seqs) / inp.seqs.response_mask.sum(1)  # (2R,) per-token
+    a, b = lp.chunk(2)
+    want = -torch.where(inp.choice > 0.5, b, a).mean()
+    torch.testing.assert_close(l1 - l0, 0.5 * want, rtol=1e-5, atol=1e-5)
+    assert m1["sft_nll"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_film_output_keeps_standard_strides_while_decoding(tok):
+    """Odd strides from a broadcast view would push CPU matmuls onto a 3x slower copying path."""
+    policy = make_policy("llama", tok)
+    _perturb(policy)
+    layers = find_decoder_layers(policy.lm)
+    seen = []
+    layers[-1].register_forward_hook(lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).stride()))
+    policy.generate(PROMPTS, torch.randn(2, 4), max_new_tokens=3, min_new_tokens=3)
+    assert len(seen) == 3
+    for st, T in zip(seen, [None, 1, 1]):
+        if T == 1:
+            assert st == (1 * 64, 64, 1)
+
+
+def test_reference_shares_the_weights_and_merging_keeps_outputs(tok):
+    policy = make_policy("llama", tok)
+    _perturb(policy)
+    base_params = sum(p.numel() for n, p in policy.lm.named_parameters() if "lora_" not in n)
+    storages = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+    assert len(storages) == len(list(policy.parameters()))  # nothing duplicated
+    fresh = tiny_model("llama", tok)
+    assert base_params == sum(p.numel() for p in fresh.parameters())  # one copy of the base, no reference copy
+    s = collate(policy.encode(PROMPTS, ["Try tea daily.", "Try chess daily."]), policy.pad_id)
+    z = torch.randn(2, 4)
+    with torch.no_grad():
+        ref = policy.reference_logprobs(s)
+        with policy.conditioned(z):
+            steered = policy.sequence_logprobs(s)
+        policy.merge_for_inference()
+        assert policy.merged
+        with policy.conditioned(z):
+            torch.testing.assert_close(policy.sequence_logprobs(s), steered, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(policy.reference_logprobs(s), ref, rtol=1e-4, atol=1e-4)
+    assert policy.merged

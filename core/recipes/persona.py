@@ -44,7 +44,7 @@ from core.embed import EmbeddingCache, MiniLMEmbedder, embed_pairs
 class RecipeConfig:
     base: str = "tiny"  # tiny | smol
     seed: int = 0
-    pairs_per_request: int = 20
+    pairs_per_request: int = 12
     conflict_rate: float = 0.5
     choice_temperature: float = 0.1
     d_z: int = 8

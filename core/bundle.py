@@ -125,9 +125,8 @@ def load_bundle_tensors(path: str | os.PathLike, group: str, meta: dict[str, Any
         raise BundleError(f"{Path(path)}: {group}.safetensors is not a valid safetensors file ({e})") from None
 
 
-def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Load `state` into `module`, failing with the names of missing/unexpected/mis-shaped keys."""
-    expected = module.state_dict()
+def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise BundleError naming missing, unexpected and mis-shaped keys of `state` against `expected`."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = sorted(f"{k}: {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -141,6 +140,11 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
         problems.append(f"shape mismatch {shapes[:8]}")
     if problems:
         raise BundleError(f"{what}: " + "; ".join(problems))
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load `state` into `module`, failing with the names of missing/unexpected/mis-shaped keys."""
+    check_state(module.state_dict(), state, what)
     module.load_state_dict(state, strict=True)
 
 

@@ -307,17 +307,9 @@ class SteerablePolicy(nn.Module):
         """Load adapter_state() tensors strictly: missing, unexpected or mis-shaped keys are named."""
         from peft import set_peft_model_state_dict
 
-        from core.bundle import BundleError
+        from core.bundle import check_state
 
-        expected = self.adapter_state()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        shapes = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                        for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
-        problems = [f"{label} {keys[:6]}{' ...' if len(keys) > 6 else ''}" for label, keys in
-                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)) if keys]
-        if problems:
-            raise BundleError(f"{what}: " + "; ".join(problems))
+        check_state(self.adapter_state(), state, what)
         set_peft_model_state_dict(self.lm, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
         for name, mod in (("film", self.film), ("encoder", self.encoder)):
             if mod is not None:

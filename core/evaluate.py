@@ -154,31 +154,27 @@ def format_table(result: dict[str, Any], title: str = "accuracy on unseen pairs 
     return "\n".join(lines)
 
 
+def _common_args(ap: argparse.ArgumentParser, tasks: int, targets: int) -> None:
+    ap.add_argument("--bundle", required=True, type=Path)
+    ap.add_argument("--pairs", required=True, type=Path)
+    ap.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ap.add_argument("--contexts", default="0,1,3,5,10", help="comma-separated context sizes N_C")
+    ap.add_argument("--tasks", type=int, default=tasks, help="tasks per (user type, N_C) cell")
+    ap.add_argument("--targets", type=int, default=targets, help="N_T per task")
+    ap.add_argument("--context-mode", default="subset", choices=("subset", "disjoint"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="write the result here")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m core.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
     r = sub.add_parser("reward", help="evaluate a reward bundle on a pairs file")
-    r.add_argument("--bundle", required=True, type=Path)
-    r.add_argument("--pairs", required=True, type=Path)
-    r.add_argument("--split", default="test", choices=("train", "val", "test"))
-    r.add_argument("--contexts", default="0,1,3,5,10", help="comma-separated context sizes N_C")
-    r.add_argument("--tasks", type=int, default=500, help="tasks per (user type, N_C) cell")
-    r.add_argument("--targets", type=int, default=20, help="N_T per task")
-    r.add_argument("--context-mode", default="subset", choices=("subset", "disjoint"))
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--json", type=Path, help="write the result here")
+    _common_args(r, tasks=500, targets=20)
     p = sub.add_parser("policy", help="implicit-reward accuracy of a policy bundle on a pairs file")
-    p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("--pairs", required=True, type=Path)
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--contexts", default="0,1,3,5,10", help="comma-separated context sizes N_C")
-    p.add_argument("--tasks", type=int, default=100, help="tasks per (user type, N_C) cell")
-    p.add_argument("--targets", type=int, default=8, help="N_T per task")
-    p.add_argument("--context-mode", default="subset", choices=("subset", "disjoint"))
-    p.add_argument("--seed", type=int, default=0)
+    _common_args(p, tasks=100, targets=8)
     p.add_argument("--embed-cache", type=Path, help="safetensors file caching context embeddings")
-    p.add_argument("--json", type=Path, help="write the result here")
     args = ap.parse_args(argv)
     try:
         contexts = tuple(int(c) for c in args.contexts.split(","))

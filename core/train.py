@@ -75,6 +75,36 @@ def _fingerprint(d: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _read_checkpoint(ckpt: Path, fingerprint: str, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """Check a checkpoint against the run, restore the optimiser and RNG; None when there is none.
+
+    Returns the manifest plus "model" and "best" tensors (best is None if not yet chosen).
+    """
+    if not (ckpt / "bundle.json").is_file():
+        return None
+    meta = read_manifest(ckpt)
+    if meta.get("fingerprint") != fingerprint:
+        raise BundleError(f"{ckpt}: checkpoint is from a different config or data (or base model); "
+                          f"delete it or use another --out to start over")
+    opt.load_state_dict(_opt_state_from(load_bundle_tensors(ckpt, "optim", meta), meta["optim"]))
+    rng = load_bundle_tensors(ckpt, "rng", meta)
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and "cuda" in rng:
+        torch.cuda.set_rng_state_all(list(rng["cuda"]))
+    best = load_bundle_tensors(ckpt, "best", meta)
+    return {**meta, "model": load_bundle_tensors(ckpt, "model", meta), "best": best or None}
+
+
+def _write_checkpoint(ckpt: Path, fingerprint: str, step: int, best_val: float, history: list, opt,
+                      model_state: dict[str, torch.Tensor], best_state: dict[str, torch.Tensor] | None,
+                      extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    otensors, orest = _opt_state_tensors(opt.optimizer if hasattr(opt, "optimizer") else opt)
+    save_bundle(ckpt, {"kind": "train-checkpoint", "fingerprint": fingerprint, "step": step,
+                       "best_val": best_val, "history": history, "optim": orest},
+                {"model": model_state, "optim": otensors, "best": best_state or {}, "rng": _rng_state(),
+                 **(extra or {})})
+
+
 def train_reward(pairs: PairSet, model_name: str, out: str | Path, run: RunConfig,
                  emb: tuple[torch.Tensor, torch.Tensor] | None = None, quiet: bool = False,
                  resume: bool = True, data_meta: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -109,20 +139,11 @@ def train_reward(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
     fingerprint = _fingerprint({"model": mcfg.to_dict(), "run": run.to_dict(), "data": data_meta or {},
                                 "data_sha256": data_hash.hexdigest()})
     start, best_val, best_state, history = 0, float("inf"), None, []
-    if resume and (ckpt / "bundle.json").is_file():
-        meta = read_manifest(ckpt)
-        if meta.get("fingerprint") != fingerprint:
-            raise BundleError(f"{ckpt}: checkpoint is from a different config or data; "
-                              f"delete it or use another --out to start over")
-        load_state_strict(model, load_bundle_tensors(ckpt, "model", meta), f"{ckpt} model")
-        opt.load_state_dict(_opt_state_from(load_bundle_tensors(ckpt, "optim", meta), meta["optim"]))
-        best = load_bundle_tensors(ckpt, "best", meta)
-        best_state = best if best else None
-        start, best_val, history = meta["step"], meta["best_val"], meta["history"]
-        rng = load_bundle_tensors(ckpt, "rng", meta)
-        torch.set_rng_state(rng["cpu"])
-        if torch.cuda.is_available() and "cuda" in rng:
-            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+    restored = _read_checkpoint(ckpt, fingerprint, opt) if resume else None
+    if restored is not None:
+        load_state_strict(model, restored["model"], f"{ckpt} model")
+        start, best_val, history, best_state = (restored["step"], restored["best_val"], restored["history"],
+                                                restored["best"])
         if not quiet:
             acc.print(f"resuming {out} from step {start}")
 
@@ -145,13 +166,8 @@ def train_reward(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
         return {"val_nll": nll_sum / max(n, 1), "val_acc": correct_sum / max(n, 1)}
 
     def save_ckpt(step: int) -> None:
-        if not acc.is_main_process:
-            return
-        otensors, orest = _opt_state_tensors(opt.optimizer if hasattr(opt, "optimizer") else opt)
-        save_bundle(ckpt, {"kind": "train-checkpoint", "fingerprint": fingerprint, "step": step,
-                           "best_val": best_val, "history": history, "optim": orest},
-                    {"model": raw_model.state_dict(), "optim": otensors, "best": best_state or {},
-                     "rng": _rng_state()})
+        if acc.is_main_process:
+            _write_checkpoint(ckpt, fingerprint, step, best_val, history, opt, raw_model.state_dict(), best_state)
 
     t0 = time.time()
     model.train()
@@ -318,21 +334,12 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
     fingerprint = _fingerprint({"model": cfg.to_dict(), "run": run.to_dict(), "base": base_info,
                                 "data": _text_data_hash(pairs), "emb": emb_hash.hexdigest(), **enc_meta})
     start, best_val, best_state, history = 0, float("inf"), None, []
-    if resume and (ckpt / "bundle.json").is_file():
-        meta = read_manifest(ckpt)
-        if meta.get("fingerprint") != fingerprint:
-            raise BundleError(f"{ckpt}: checkpoint is from a different config, base or data; "
-                              f"delete it or use another --out to start over")
-        policy.load_adapter_state(load_bundle_tensors(ckpt, "model", meta), f"{ckpt} model")
-        opt.load_state_dict(_opt_state_from(load_bundle_tensors(ckpt, "optim", meta), meta["optim"]))
-        best = load_bundle_tensors(ckpt, "best", meta)
-        best_state = best if best else None
-        data.ref = load_bundle_tensors(ckpt, "reference", meta)["ref"]
-        start, best_val, history = meta["step"], meta["best_val"], meta["history"]
-        rng = load_bundle_tensors(ckpt, "rng", meta)
-        torch.set_rng_state(rng["cpu"])
-        if cuda and "cuda" in rng:
-            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+    restored = _read_checkpoint(ckpt, fingerprint, opt) if resume else None
+    if restored is not None:
+        policy.load_adapter_state(restored["model"], f"{ckpt} model")
+        data.ref = load_bundle_tensors(ckpt, "reference", restored)["ref"]
+        start, best_val, history, best_state = (restored["step"], restored["best_val"], restored["history"],
+                                                restored["best"])
         if not quiet:
             acc.print(f"resuming {out} from step {start}")
 
@@ -361,13 +368,9 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
         return {"val_loss": nll_sum / max(n_loss, 1), "val_acc": correct_sum / max(n_acc, 1)}
 
     def save_ckpt(step: int) -> None:
-        if not acc.is_main_process:
-            return
-        otensors, orest = _opt_state_tensors(opt.optimizer if hasattr(opt, "optimizer") else opt)
-        save_bundle(ckpt, {"kind": "train-checkpoint", "fingerprint": fingerprint, "step": step,
-                           "best_val": best_val, "history": history, "optim": orest},
-                    {"model": raw.adapter_state(), "optim": otensors, "best": best_state or {},
-                     "reference": {"ref": data.ref}, "rng": _rng_state()})
+        if acc.is_main_process:
+            _write_checkpoint(ckpt, fingerprint, step, best_val, history, opt, raw.adapter_state(), best_state,
+                              {"reference": {"ref": data.ref}})
 
     t0 = time.time()
     model.train()

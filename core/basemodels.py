@@ -474,6 +474,12 @@ def _convert_gguf(gguf: Path, out: Path, source: str) -> None:
     (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
+def smollm2_available(root: str | os.PathLike | None = None) -> bool:
+    """Whether SmolLM2 loads without a download: converted in the cache, or the package installed."""
+    root = Path(root) if root is not None else cache_root()
+    return smollm2_cache_dir(root).is_dir() or _installed_package_dir() is not None or bool(_cached_wheels(root))
+
+
 def ensure_smollm2(root: str | os.PathLike | None = None, download: bool = True) -> Path:
     """Return the converted SmolLM2 folder, building it first if needed (see the module docstring).
 

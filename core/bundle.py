@@ -222,8 +222,14 @@ def _plain_base_files(policy) -> dict[str, bytes]:
     return model_files(plain, policy.tokenizer)
 
 
-def load_policy_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Returns (SteerablePolicy in eval mode, bundle metadata). Checks every file's hash first."""
+def load_policy_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                       base_dir: str | os.PathLike | None = None):
+    """Returns (SteerablePolicy in eval mode, bundle metadata). Checks every file's hash first.
+
+    base_dir: a plain transformers folder holding the base weights, for bundles that share one
+    base stored beside them (a persona bundle's `base/`); its weights must hash to the sha256
+    the policy was trained on.
+    """
     from core.policy import PolicyConfig, SteerablePolicy
 
     path = Path(path)
@@ -248,10 +254,13 @@ def load_policy_bundle(path: str | os.PathLike, device: str | torch.device = "cp
     else:
         from core.basemodels import load_base
 
-        lm, tok, info = load_base(base_meta.get("spec", cfg.base), dtype=dtype or torch.float32)
+        spec = str(base_dir) if base_dir is not None else str(base_meta.get("spec", cfg.base))
+        if spec.startswith(("./", "../")):  # a base stored beside the bundle (persona bundles)
+            spec = str((path / spec).resolve())
+        lm, tok, info = load_base(spec, dtype=dtype or torch.float32)
         want, got = base_meta.get("sha256"), info.get("sha256")
         if want and got and want != got:
-            raise BundleError(f"{path}: trained on base weights {want[:12]}…, but {base_meta.get('spec')} "
+            raise BundleError(f"{path}: trained on base weights {want[:12]}…, but {spec} "
                               f"resolves to {got[:12]}…; the bundle would not behave as trained")
     policy = SteerablePolicy(cfg, lm, tok)
     state = {f"lora.{k}": v for k, v in load_bundle_tensors(path, "adapter/adapter_model", meta).items()}

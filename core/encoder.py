@@ -48,6 +48,10 @@ class EncoderConfig:
     latent: bool = False
     min_std: float = 0.01  # floor on q(z | C)'s scale
     dropout: float = 0.0
+    # Standardise option embeddings per dimension with fixed statistics of the training options
+    # (buffers saved with the weights). Sentence embeddings are unit-norm and share a large common
+    # direction; unscaled, the NP learns one preference direction and stalls on the others.
+    input_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.d_hidden % self.n_heads:
@@ -110,12 +114,26 @@ class ContextEncoder(nn.Module):
         # The learned prior: what an empty context gives.
         self.prior_mean = nn.Parameter(torch.zeros(cfg.d_z))
         self.prior_std_raw = nn.Parameter(torch.zeros(cfg.d_z)) if cfg.latent else None
+        if cfg.input_norm:
+            self.register_buffer("in_mean", torch.zeros(cfg.d_in))
+            self.register_buffer("in_std", torch.ones(cfg.d_in))
+
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Fix the standardisation statistics (d_in,) each; needs cfg.input_norm."""
+        if not self.cfg.input_norm:
+            raise ValueError("this encoder was built without input_norm")
+        self.in_mean.copy_(mean)
+        self.in_std.copy_(std.clamp_min(1e-6))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.in_mean) / self.in_std if self.cfg.input_norm else x
 
     def _std(self, raw: torch.Tensor) -> torch.Tensor:
         return self.cfg.min_std + F.softplus(raw)
 
     def pair_features(self, a: torch.Tensor, b: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         """a, b: (B, N, d) option embeddings; choice: (B, N), 1 = b preferred. Returns (B, N, H)."""
+        a, b = self.normalize(a), self.normalize(b)
         a_won = self.pair_mlp(torch.cat([a, b], -1))  # (B, N, H): [chosen=a ‖ rejected=b]
         b_won = self.pair_mlp(torch.cat([b, a], -1))  # (B, N, H): [chosen=b ‖ rejected=a]
         y = choice.to(a_won.dtype).unsqueeze(-1)  # (B, N, 1)

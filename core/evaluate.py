@@ -47,12 +47,22 @@ ScoreFn = Callable[[TaskBatch], tuple[np.ndarray, np.ndarray]]  # batch -> corre
 def evaluate_cells(pairs: PairSet, score: ScoreFn, split: str = "test", contexts: tuple[int, ...] = (0, 1, 3, 5, 10),
                    n_tasks: int = 500, n_targets: int = 20, seed: int = 0, batch_size: int = 250,
                    context_mode: str = "subset", target_pool: np.ndarray | None = None,
-                   context_pool: np.ndarray | None = None, user_types: list[str] | None = None) -> dict[str, Any]:
-    """Accuracy per user type and N_C of any scorer (see module doc for the output shape)."""
+                   context_pool: np.ndarray | None = None, user_types: list[str] | None = None,
+                   continuous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Accuracy per user type and N_C of any scorer (see module doc for the output shape).
+
+    continuous: score simulated continuous users instead of the data's types, e.g.
+    {"weight_prior": "sphere", "choice_temperature": 0.1}; reported as the type "continuous".
+    """
     types = user_types if user_types is not None else pairs.user_types
     max_c = max(contexts)
     n_targets = max(n_targets, max_c + 1) if context_mode == "subset" else n_targets
-    cfg = TaskConfig(n_targets=n_targets, max_context=max_c, context_mode=context_mode)
+    if continuous is not None:
+        cfg = TaskConfig(n_targets=n_targets, max_context=max_c, context_mode=context_mode, users="continuous",
+                         **continuous)
+        types = ["continuous"]
+    else:
+        cfg = TaskConfig(n_targets=n_targets, max_context=max_c, context_mode=context_mode)
     sampler = TaskSampler(pairs, cfg, split=split, seed=seed, target_pool=target_pool, context_pool=context_pool)
     out: dict[str, Any] = {"accuracy": {}, "overall": {}, "split": split, "n_targets": n_targets,
                            "tasks_per_cell": n_tasks, "context_mode": context_mode}
@@ -62,7 +72,8 @@ def evaluate_cells(pairs: PairSet, score: ScoreFn, split: str = "test", contexts
         for n_c in contexts:
             corr, sc, ties = [], [], 0
             for k, left in enumerate(range(n_tasks, 0, -batch_size)):
-                b = sampler.sample(k, min(batch_size, left), n_context=n_c, user_type=u)
+                b = sampler.sample(k, min(batch_size, left), n_context=n_c,
+                                   user_type=None if continuous is not None else u)
                 c, s = score(b)
                 corr.append(c)
                 sc.append(s)
@@ -76,40 +87,28 @@ def evaluate_cells(pairs: PairSet, score: ScoreFn, split: str = "test", contexts
 
 
 @torch.no_grad()
-def evaluate_reward(model: PreferenceModel, pairs: PairSet, emb: tuple[torch.Tensor, torch.Tensor],
-                    split: str = "test", contexts: tuple[int, ...] = (0, 1, 3, 5, 10), n_tasks: int = 500,
-                    n_targets: int = 20, seed: int = 0, batch_size: int = 250, context_mode: str = "subset",
-                    target_pool: np.ndarray | None = None, context_pool: np.ndarray | None = None,
-                    user_types: list[str] | None = None) -> dict[str, Any]:
-    """Accuracy of a reward model per user type and N_C on unseen targets."""
+def reward_score_fn(model: PreferenceModel, emb: tuple[torch.Tensor, torch.Tensor], seed: int = 0) -> ScoreFn:
+    """Scorer of a reward model's posterior-predictive choices on a task batch."""
     model.eval()
     emb_a, emb_b = emb
     g = torch.Generator().manual_seed(seed)
 
+    @torch.no_grad()
     def score(b: TaskBatch) -> tuple[np.ndarray, np.ndarray]:
         r = model.evaluate(gather_features(b, emb_a, emb_b), g)
         return r["correct"].numpy(), r["scored"].numpy()
 
-    return evaluate_cells(pairs, score, split, contexts, n_tasks, n_targets, seed, batch_size, context_mode,
-                          target_pool, context_pool, user_types)
+    return score
 
 
-@torch.no_grad()
-def evaluate_policy(policy, pairs: PairSet, emb: tuple[torch.Tensor, torch.Tensor] | None, split: str = "test",
-                    contexts: tuple[int, ...] = (0, 1, 3, 5, 10), n_tasks: int = 100, n_targets: int = 8,
-                    seed: int = 0, batch_size: int = 8, context_mode: str = "subset",
-                    conflict_sums: bool = True) -> dict[str, Any]:
-    """Implicit-reward accuracy of a policy per user type and N_C on unseen pairs.
-
-    With two or more user types, also the sum of every two types' accuracies on the pairs
-    where they disagree ("conflict_sum"): ≈ 100 % for a user-blind policy, up to 200 % for one
-    that steers perfectly.
-    """
+def policy_score_fn(policy, pairs: PairSet, emb: tuple[torch.Tensor, torch.Tensor] | None) -> ScoreFn:
+    """Scorer of a policy's implicit reward β·log π/π_ref (b vs a, with z from the context)."""
     from core.policy import PolicyData
 
     policy.eval()
     data = PolicyData(policy, pairs, emb)
 
+    @torch.no_grad()
     def score(b: TaskBatch) -> tuple[np.ndarray, np.ndarray]:
         scored = b.unseen_mask & b.target_mask & (b.target_choice != 0.5)  # (B, T)
         correct = torch.zeros(scored.shape)
@@ -119,26 +118,63 @@ def evaluate_policy(policy, pairs: PairSet, emb: tuple[torch.Tensor, torch.Tenso
             correct[scored] = ((logit > 0) == (inp.choice.cpu() > 0.5)).float()
         return correct.numpy(), scored.numpy()
 
-    out = evaluate_cells(pairs, score, split, contexts, n_tasks, n_targets, seed, batch_size, context_mode)
-    out["metric"] = "implicit-reward accuracy"
-    if conflict_sums and len(pairs.user_types) >= 2:
-        out["conflict_sum"] = {}
-        types = pairs.user_types
-        split_rows = set(pairs.indices(split).tolist())
-        for i, t1 in enumerate(types):
-            for t2 in types[i + 1:]:
-                pool = np.array(sorted(set(np.flatnonzero(pairs.conflicting(t1, t2)).tolist()) & split_rows), dtype=np.int64)
-                key = f"{t1} + {t2}"
-                if len(pool) < n_targets:
-                    out["conflict_sum"][key] = {"skipped": f"only {len(pool)} conflicting {split} pairs"}
-                    continue
-                r = evaluate_cells(pairs, score, split, contexts, n_tasks, n_targets, seed + 1, batch_size,
-                                   context_mode, target_pool=pool, context_pool=pool, user_types=[t1, t2])
-                out["conflict_sum"][key] = {
-                    c: {"sum": r["accuracy"][t1][c]["mean"] + r["accuracy"][t2][c]["mean"],
+    return score
+
+
+def conflict_sums(pairs: PairSet, score: ScoreFn, split: str = "test", contexts: tuple[int, ...] = (0, 1, 3, 5, 10),
+                  n_tasks: int = 100, n_targets: int = 8, seed: int = 0, batch_size: int = 8,
+                  context_mode: str = "subset", type_pairs: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """For two user types, the sum of their accuracies on the pairs where they disagree (context
+    and targets both from those pairs in subset mode; in disjoint mode the context comes from
+    the whole split): ≈ 100 % for a user-blind model, up to 200 % for one that
+    follows each user. Every two types unless `type_pairs` is given."""
+    types = pairs.user_types
+    if type_pairs is None:
+        type_pairs = [(t1, t2) for i, t1 in enumerate(types) for t2 in types[i + 1:]]
+    split_rows = set(pairs.indices(split).tolist())
+    out: dict[str, Any] = {}
+    for t1, t2 in type_pairs:
+        pool = np.array(sorted(set(np.flatnonzero(pairs.conflicting(t1, t2)).tolist()) & split_rows), dtype=np.int64)
+        key = f"{t1} + {t2}"
+        if len(pool) < max(n_targets, max(contexts) + 1):
+            out[key] = {"skipped": f"only {len(pool)} conflicting {split} pairs"}
+            continue
+        r = evaluate_cells(pairs, score, split, contexts, n_tasks, n_targets, seed + 1, batch_size, context_mode,
+                           target_pool=pool, context_pool=pool if context_mode == "subset" else None,
+                           user_types=[t1, t2])
+        out[key] = {c: {"sum": r["accuracy"][t1][c]["mean"] + r["accuracy"][t2][c]["mean"],
                         "se": float(np.hypot(r["accuracy"][t1][c]["se"], r["accuracy"][t2][c]["se"])),
                         t1: r["accuracy"][t1][c]["mean"], t2: r["accuracy"][t2][c]["mean"]}
                     for c in r["overall"]}
+    return out
+
+
+def evaluate_reward(model: PreferenceModel, pairs: PairSet, emb: tuple[torch.Tensor, torch.Tensor],
+                    split: str = "test", contexts: tuple[int, ...] = (0, 1, 3, 5, 10), n_tasks: int = 500,
+                    n_targets: int = 20, seed: int = 0, batch_size: int = 250, context_mode: str = "subset",
+                    target_pool: np.ndarray | None = None, context_pool: np.ndarray | None = None,
+                    user_types: list[str] | None = None) -> dict[str, Any]:
+    """Accuracy of a reward model per user type and N_C on unseen targets."""
+    return evaluate_cells(pairs, reward_score_fn(model, emb, seed), split, contexts, n_tasks, n_targets, seed,
+                          batch_size, context_mode, target_pool, context_pool, user_types)
+
+
+@torch.no_grad()
+def evaluate_policy(policy, pairs: PairSet, emb: tuple[torch.Tensor, torch.Tensor] | None, split: str = "test",
+                    contexts: tuple[int, ...] = (0, 1, 3, 5, 10), n_tasks: int = 100, n_targets: int = 8,
+                    seed: int = 0, batch_size: int = 8, context_mode: str = "subset",
+                    with_conflict_sums: bool = True) -> dict[str, Any]:
+    """Implicit-reward accuracy of a policy per user type and N_C on unseen pairs.
+
+    With two or more user types, also the sum of every two types' accuracies on the pairs
+    where they disagree ("conflict_sum", see `conflict_sums`).
+    """
+    score = policy_score_fn(policy, pairs, emb)
+    out = evaluate_cells(pairs, score, split, contexts, n_tasks, n_targets, seed, batch_size, context_mode)
+    out["metric"] = "implicit-reward accuracy"
+    if with_conflict_sums and len(pairs.user_types) >= 2:
+        out["conflict_sum"] = conflict_sums(pairs, score, split, contexts, n_tasks, n_targets, seed, batch_size,
+                                            context_mode)
     return out
 
 

@@ -11,6 +11,8 @@ Choice convention (see core.losses): y = 1 means b preferred; logit = r_b − r_
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -33,6 +35,11 @@ class RewardConfig:
     n_layers: int = 3  # depth of the reward MLPs
     encoder: EncoderConfig | None = None  # NP models; built from d_in and d_hidden when None
     kl_beta: float = 1.0  # latent NP-BTL: weight of KL(q(z|T) ‖ q(z|C))
+    # NP models: how r(x, z) reads z. "concat": an MLP on [h(x) ‖ z] (the paper's); "bilinear":
+    # ⟨h(x), W z + c⟩/√H, a user-specific linear read-out of learned option features, which
+    # learns users who weigh several attributes far faster.
+    decoder: Literal["concat", "bilinear"] = "concat"
+    input_norm: bool = False  # NP models: standardise option embeddings (see EncoderConfig.input_norm)
     n_z_train: int = 4  # latent NP-BTL: samples of z per task in training
     n_z_eval: int = 32  # latent NP-BTL: samples of z for the posterior predictive
     dpl_min_std: float = 1e-3
@@ -40,10 +47,16 @@ class RewardConfig:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"unknown reward model {self.model!r}; expected one of {', '.join(MODELS)}")
+        if self.decoder not in ("concat", "bilinear"):
+            raise ValueError(f"decoder must be 'concat' or 'bilinear', got {self.decoder!r}")
         if isinstance(self.encoder, dict):
             self.encoder = EncoderConfig(**self.encoder)
         if self.is_np and self.encoder is None:
             self.encoder = EncoderConfig(d_in=self.d_in, d_hidden=self.d_hidden, latent=self.model == "np-btl-latent")
+        if self.input_norm and not self.is_np:
+            raise ValueError(f"input_norm is for the NP models, not {self.model}")
+        if self.is_np and self.encoder.input_norm != self.input_norm:
+            self.encoder = EncoderConfig(**{**asdict(self.encoder), "input_norm": self.input_norm})
         if self.is_np and self.encoder.latent != (self.model == "np-btl-latent"):
             raise ValueError(f"{self.model}: encoder.latent must be {self.model == 'np-btl-latent'}")
         if self.is_np and self.encoder.d_in != self.d_in:
@@ -94,8 +107,12 @@ class PreferenceModel(nn.Module):
         H = cfg.d_hidden
         if cfg.is_np:
             self.encoder = ContextEncoder(cfg.encoder)
-            self.option_mlp = mlp(cfg.d_in, H, H, 2)
-            self.decoder = mlp(H + cfg.encoder.d_z, H, 1, cfg.n_layers)
+            if cfg.decoder == "bilinear":
+                self.option_mlp = mlp(cfg.d_in, H, H, cfg.n_layers)
+                self.z_proj = nn.Linear(cfg.encoder.d_z, H)
+            else:
+                self.option_mlp = mlp(cfg.d_in, H, H, 2)
+                self.decoder = mlp(H + cfg.encoder.d_z, H, 1, cfg.n_layers)
         else:
             self.encoder = None
             self.net = mlp(cfg.d_in, H, 2 if cfg.model == "dpl" else 1, cfg.n_layers + 1)
@@ -111,7 +128,10 @@ class PreferenceModel(nn.Module):
             return out[..., 0]
         if z is None:
             raise ValueError(f"{self.cfg.model} needs a latent z (use .posterior() or .encoder.prior())")
-        h = self.option_mlp(x)  # (B, M, H)
+        h = self.option_mlp(self.encoder.normalize(x))  # (B, M, H)
+        if self.cfg.decoder == "bilinear":
+            u = self.z_proj(z).unsqueeze(-2)  # (..., B, 1, H)
+            return (h * u).sum(-1) / math.sqrt(h.shape[-1])  # (..., B, M)
         zz = z.unsqueeze(-2).expand(*z.shape[:-1], x.shape[-2], z.shape[-1])  # (..., B, M, d_z)
         h = h.expand(*zz.shape[:-1], h.shape[-1])  # (..., B, M, H)
         return self.decoder(torch.cat([h, zz], -1))[..., 0]  # (..., B, M)

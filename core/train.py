@@ -123,6 +123,11 @@ def train_reward(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
         raise ValueError(f"unknown model {model_name!r}; expected one of {', '.join(MODELS)}")
     mcfg = config_from_dict({"model": model_name, "d_in": int(emb_a.shape[1]), **run.model})
     model = PreferenceModel(mcfg)
+    if mcfg.input_norm:
+        tr = torch.as_tensor(pairs.indices("train"), device=emb_a.device)
+        opts = torch.cat([emb_a[tr], emb_b[tr]])  # (2 n_train, d)
+        model.encoder.set_input_stats(opts.mean(0), opts.std(0))
+    model.to(acc.device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
     train_sampler = TaskSampler(pairs, run.tasks, split="train", seed=tc.seed)
@@ -319,6 +324,10 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
         embedder_name = "given"
     if emb is not None and emb[0].shape[1] != cfg.d_in:
         raise ValueError(f"context embeddings are {emb[0].shape[1]}-d, the policy expects d_in={cfg.d_in}")
+    if policy.encoder is not None and policy.encoder.cfg.input_norm and init_encoder is None:
+        tr = torch.as_tensor(pairs.indices("train"))
+        opts = torch.cat([emb[0][tr], emb[1][tr]]).float()  # (2 n_train, d)
+        policy.encoder.set_input_stats(opts.mean(0).to(acc.device), opts.std(0).to(acc.device))
     data = PolicyData(policy, pairs, None if emb is None else (emb[0].float(), emb[1].float()))
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 

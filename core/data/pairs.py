@@ -85,6 +85,15 @@ class PairSet:
         except ValueError:
             raise KeyError(f"unknown user type {user_type!r}; this data has {self.user_types}") from None
 
+    def take(self, rows: Sequence[int] | np.ndarray) -> "PairSet":
+        """A new PairSet with the given rows, in that order."""
+        r = np.asarray(rows, dtype=np.int64)
+        opt = (lambda v: v[r]) if self.is_numeric else (lambda v: [v[i] for i in r])
+        return PairSet(ids=[self.ids[i] for i in r], prompts=[self.prompts[i] for i in r], a=opt(self.a),
+                       b=opt(self.b), user_types=list(self.user_types), choices=self.choices[r], split=self.split[r],
+                       attribute_names=list(self.attribute_names),
+                       attributes=None if self.attributes is None else self.attributes[r], source=self.source)
+
     def conflicting(self, type_a: str, type_b: str) -> np.ndarray:
         """Boolean mask (n,) of pairs on which two user types make opposite strict choices."""
         ca = self.choices[:, self.type_index(type_a)]

@@ -1,4 +1,5 @@
-"""python -m core.experiments synthetic|identifiability [--out DIR] [--seed N]"""
+"""python -m core.experiments synthetic|identifiability [--out DIR] [--seed N]
+python -m core.experiments steering --bundle DIR --json OUT [...]   (see steering --help)"""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["steering"]:
+        from core.experiments.steering import main as steering_main
+
+        return steering_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m core.experiments", description=__doc__)
-    ap.add_argument("experiment", choices=("synthetic", "identifiability"))
+    ap.add_argument("experiment", choices=("synthetic", "identifiability", "steering"))
     ap.add_argument("--out", type=Path, default=None, help="output folder (default results/<experiment>)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a few training steps only: checks the pipeline, not the numbers")

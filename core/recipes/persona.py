@@ -38,22 +38,28 @@ from core.config import run_config_from_dict
 from core.data import personas as P
 from core.data.pairs import PairSet, load_pairs, write_pairs
 from core.embed import EmbeddingCache, MiniLMEmbedder, embed_pairs
+from core.persona import BehaviourMap, fit_map
 
 
 @dataclass
 class RecipeConfig:
     base: str = "tiny"  # tiny | smol
     seed: int = 0
-    pairs_per_request: int = 12
+    pairs_per_request: int = 8
     conflict_rate: float = 0.5
     choice_temperature: float = 0.1
     d_z: int = 8
-    reward_steps: int = 600
-    lm_steps: int = 700  # tiny only: from-scratch SFT steps
-    lm_examples: int = 12000
-    policy_steps: int = 250
-    policy_batch: int = 8
-    policy_targets: int = 6
+    reward_steps: int = 800
+    reward_lr: float = 2e-3
+    kl_beta: float = 0.1
+    lm_steps: int = 300  # tiny only: from-scratch SFT of a small GPT-2
+    lm_batch: int = 16
+    lm_examples: int = 6000
+    lm_d_model: int = 128
+    lm_layers: int = 4
+    policy_steps: int = 200
+    policy_batch: int = 4
+    policy_targets: int = 4  # scored pairs per task; the context (up to 10 clicks) comes from other pairs
     policy_lr: float = 3e-3
     sft_weight: float = 1.0
     map_users: int = 600
@@ -64,7 +70,8 @@ class RecipeConfig:
         if base == "tiny":
             return cls(base="tiny", seed=seed)
         if base == "smol":
-            return cls(base="smol", seed=seed, policy_steps=300, policy_batch=2, policy_targets=4, policy_lr=2e-4)
+            return cls(base="smol", seed=seed, pairs_per_request=12, reward_steps=600, policy_steps=300, policy_batch=2,
+                       policy_targets=4, policy_lr=2e-4)
         raise ValueError(f"--base must be tiny or smol, got {base!r}")
 
 
@@ -93,9 +100,9 @@ def stage_embeddings(pairs: PairSet, work: Path) -> tuple[torch.Tensor, torch.Te
     return emb
 
 
-def _tasks(cfg: RecipeConfig, n_targets: int, max_context: int) -> dict[str, Any]:
+def _tasks(cfg: RecipeConfig, n_targets: int, max_context: int, context_mode: str = "subset") -> dict[str, Any]:
     return {"n_targets": n_targets, "max_context": max_context, "users": "continuous", "weight_prior": "sphere",
-            "choice_temperature": cfg.choice_temperature}
+            "choice_temperature": cfg.choice_temperature, "context_mode": context_mode}
 
 
 def stage_reward(cfg: RecipeConfig, pairs: PairSet, emb, work: Path) -> Path:
@@ -104,10 +111,11 @@ def stage_reward(cfg: RecipeConfig, pairs: PairSet, emb, work: Path) -> Path:
     out = work / "reward"
     if not (out / "bundle.json").is_file():
         run = run_config_from_dict({
-            "train": {"steps": cfg.reward_steps, "batch_size": 64, "lr": 1e-3, "warmup_steps": 30,
+            "train": {"steps": cfg.reward_steps, "batch_size": 64, "lr": cfg.reward_lr, "warmup_steps": 30,
                       "eval_every": 100, "val_tasks": 256, "checkpoint_every": 100, "seed": cfg.seed},
             "tasks": _tasks(cfg, 20, 10),
-            "model": {"d_hidden": 128, "kl_beta": 1.0, "encoder": {"d_z": cfg.d_z}}})
+            "model": {"d_hidden": 128, "kl_beta": cfg.kl_beta, "decoder": "bilinear", "input_norm": True,
+                      "encoder": {"d_z": cfg.d_z}}})
         t = time.time()
         train_reward(pairs, "np-btl-latent", out, run, emb=emb, quiet=True, data_meta={"source": "persona"})
         log(f"reward: trained in {time.time() - t:.0f} s")
@@ -121,8 +129,6 @@ def stage_base(cfg: RecipeConfig, work: Path):
 
         lm, tok, info = load_base(SMOLLM2)
         return lm, tok, {**info, "spec": SMOLLM2}
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from core.tinylm import tiny_model, train_lm, train_tokenizer
 
     d = work / "tiny-lm"
@@ -130,9 +136,10 @@ def stage_base(cfg: RecipeConfig, work: Path):
         pc = P.PersonaConfig(seed=cfg.seed)
         ex = P.corpus(pc, cfg.lm_examples, "train")
         tok = train_tokenizer([p for p, _, _ in ex] + [r for _, _, r in ex], vocab_size=2048)
-        model = tiny_model("gpt2", tok, seed=cfg.seed, d_model=192, n_layers=4, n_heads=4, max_positions=320)
+        model = tiny_model("gpt2", tok, seed=cfg.seed, d_model=cfg.lm_d_model, n_layers=cfg.lm_layers, n_heads=4,
+                           max_positions=320)
         t = time.time()
-        hist = train_lm(model, tok, [(p, r) for p, _, r in ex], steps=cfg.lm_steps, batch_size=32, lr=3e-3,
+        hist = train_lm(model, tok, [(p, r) for p, _, r in ex], steps=cfg.lm_steps, batch_size=cfg.lm_batch, lr=3e-3,
                         seed=cfg.seed, quiet=False, log_every=100)
         log(f"tiny LM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
             f"loss {hist[-1]['loss']:.3f}, {time.time() - t:.0f} s")
@@ -141,9 +148,10 @@ def stage_base(cfg: RecipeConfig, work: Path):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         tmp.rename(d)
-    model = AutoModelForCausalLM.from_pretrained(str(d), trust_remote_code=False, use_safetensors=True).eval()
-    tok = AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
-    return model, tok, {"kind": "from-scratch", "name": f"persona-tiny-gpt2-seed{cfg.seed}"}
+    from core.basemodels import load_base
+
+    model, tok, info = load_base(str(d))
+    return model, tok, {**info, "kind": "from-scratch", "name": f"persona-tiny-gpt2-seed{cfg.seed}", "spec": "../base"}
 
 
 def stage_policy(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_dir: Path, model_name: str) -> Path:
@@ -156,7 +164,7 @@ def stage_policy(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_dir:
     run = policy_run_config({
         "train": {"steps": cfg.policy_steps, "batch_size": cfg.policy_batch, "lr": cfg.policy_lr,
                   "warmup_steps": 20, "eval_every": 50, "val_tasks": 16, "checkpoint_every": 25, "seed": cfg.seed},
-        "tasks": _tasks(cfg, cfg.policy_targets, min(6, cfg.policy_targets)),
+        "tasks": _tasks(cfg, cfg.policy_targets, 10, "disjoint"),
         "model": {"d_in": 384, "d_z": cfg.d_z, "encoder": asdict(reward.cfg.encoder), "freeze_encoder": True,
                   "lora_r": 8, "lora_alpha": 16, "beta": 0.1, "sft_weight": cfg.sft_weight,
                   "max_prompt_tokens": 128, "max_response_tokens": 192}})
@@ -164,7 +172,7 @@ def stage_policy(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_dir:
     t = time.time()
     meta = train_policy(pairs, model_name, out, run, base, emb=emb,
                         init_encoder=reward_dir if model_name == "np-dpo" else None,
-                        include_base=cfg.base == "tiny", quiet=False, data_meta={"source": "persona"})
+                        include_base=False, quiet=False, data_meta={"source": "persona"})
     log(f"{model_name}: val implicit-reward acc {meta['metrics']['val_acc']:.3f}, {time.time() - t:.0f} s")
     return out
 
@@ -184,8 +192,8 @@ def simulate_contexts(pairs: PairSet, emb, users: np.ndarray, n_context: int, sp
     return emb[0][t], emb[1][t], torch.from_numpy(choice), torch.ones(t.shape, dtype=torch.bool)
 
 
-def stage_map(cfg: RecipeConfig, pairs: PairSet, emb, reward_dir: Path) -> dict[str, Any]:
-    """Least-squares map z -> (verbosity, tone) weights on held-out (val) simulated users."""
+def stage_map(cfg: RecipeConfig, pairs: PairSet, emb, reward_dir: Path) -> BehaviourMap:
+    """Least-squares maps z <-> (verbosity, tone) weights, fitted on held-out (val) simulated users."""
     reward, _ = load_reward_bundle(reward_dir)
     rng = np.random.default_rng(cfg.seed + 11)
     users = np.concatenate([
@@ -197,15 +205,10 @@ def stage_map(cfg: RecipeConfig, pairs: PairSet, emb, reward_dir: Path) -> dict[
             a, b, c, m = simulate_contexts(pairs, emb, users, n_c, "val", cfg.choice_temperature, rng)
             zs.append(reward.encoder(a, b, c, m).mean.numpy())
             ws.append(users)
-    Z, W = np.concatenate(zs), np.concatenate(ws)  # (N, d_z), (N, A)
-    X = np.concatenate([Z, np.ones((len(Z), 1))], 1)
-    coef, *_ = np.linalg.lstsq(X, W, rcond=None)  # (d_z + 1, A)
-    resid = W - X @ coef
-    return {"axes": list(P.AXES),
-            "axis_labels": {"verbosity": ["terse", "thorough"], "tone": ["formal", "warm & casual"]},
-            "weight": coef[:-1].T.tolist(), "bias": coef[-1].tolist(),  # map(z) = weight @ z + bias
-            "anchors": {k: list(v) for k, v in P.ARCHETYPES.items()},
-            "fit": {"users": int(len(Z)), "rmse": float(np.sqrt((resid ** 2).mean())), "split": "val"}}
+    return fit_map(np.concatenate(zs), np.concatenate(ws), P.AXES,
+                   axis_labels={"verbosity": ["terse", "thorough"], "tone": ["formal", "warm & casual"]},
+                   anchors={k: list(v) for k, v in P.ARCHETYPES.items()},
+                   fit={"split": "val", "contexts": [3, 5, 10]})
 
 
 def stage_pool(cfg: RecipeConfig, pairs: PairSet, emb) -> tuple[list[dict], dict[str, torch.Tensor]]:
@@ -228,7 +231,8 @@ def build(cfg: RecipeConfig, out: Path, work: Path) -> dict[str, Any]:
     policy_dir = stage_policy(cfg, pairs, emb, work, reward_dir, "np-dpo")
     dpo_dir = stage_policy(cfg, pairs, emb, work, reward_dir, "dpo")
     mp = stage_map(cfg, pairs, emb, reward_dir)
-    log(f"map: rmse {mp['fit']['rmse']:.3f} on {mp['fit']['users']} held-out users")
+    log(f"map: rmse {mp.fit['rmse']:.3f}, r2 {', '.join(f'{r:.2f}' for r in mp.fit['r2'])} "
+        f"on {mp.fit['users']} held-out users")
     pool, pool_emb = stage_pool(cfg, pairs, emb)
     files: dict[str, bytes] = {}
     for sub, d in (("reward", reward_dir), ("policy", policy_dir), ("dpo", dpo_dir)):
@@ -236,7 +240,10 @@ def build(cfg: RecipeConfig, out: Path, work: Path) -> dict[str, Any]:
         for f in sorted(d.rglob("*")):
             if f.is_file():
                 files[f"{sub}/{f.relative_to(d)}"] = f.read_bytes()
-    files["map.json"] = (json.dumps(mp, indent=2) + "\n").encode()
+    if cfg.base == "tiny":  # one copy of the from-scratch base, shared by policy/ and dpo/
+        for f in sorted((work / "tiny-lm").iterdir()):
+            files[f"base/{f.name}"] = f.read_bytes()
+    files["map.json"] = (json.dumps(mp.to_dict(), indent=2) + "\n").encode()
     files["pool.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pool).encode()
     files["pool.safetensors"] = tensors_to_bytes(pool_emb)
     meta = {"kind": "persona", "name": f"persona-{cfg.base}", "recipe": asdict(cfg), "axes": list(P.AXES),

@@ -1,0 +1,194 @@
+"""Behaviour map math, persona bundle loading, and the steering experiment's logic."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.bundle import BundleError
+from core.data import personas as P
+from core.data.pairs import pairs_from_records
+from core.experiments.steering import SteeringConfig, check_targets, one_axis_opposites, opposite
+from core.persona import BehaviourMap, PersonaBundle, default_bundle_dir, fit_map, load_persona_bundle
+
+TINY = Path(__file__).resolve().parent.parent / "assets" / "models" / "persona-tiny"
+
+
+def _exact_map(rng, n=200, d_z=6):
+    W = rng.standard_normal((2, d_z))
+    b = rng.standard_normal(2)
+    z = rng.standard_normal((n, d_z))
+    return z, z @ W.T + b, W, b
+
+
+def test_regression_map_recovers_an_exact_affine_map():
+    rng = np.random.default_rng(0)
+    z, w, W, b = _exact_map(rng)
+    m = fit_map(z, w, ("verbosity", "tone"), method="regression")
+    np.testing.assert_allclose(m.weight, W, atol=1e-10)
+    np.testing.assert_allclose(m.bias, b, atol=1e-10)
+    assert m.fit["rmse"] < 1e-10 and min(m.fit["r2"]) > 1 - 1e-9
+    np.testing.assert_allclose(m(z[:5]), w[:5], atol=1e-10)
+    np.testing.assert_allclose(m(torch.tensor(z[:5])), w[:5], atol=1e-6)
+
+
+def _noisy_latents(rng, n=4000, d_z=5, noise=0.5):
+    w = rng.uniform(-1, 1, (n, 2))
+    A = rng.standard_normal((d_z, 2))
+    c = rng.standard_normal(d_z)
+    return w, w @ A.T + c + noise * rng.standard_normal((n, d_z)), A, c
+
+
+def test_calibration_map_inverts_the_latent_regression_without_shrinking():
+    rng = np.random.default_rng(1)
+    w, z, A, c = _noisy_latents(rng)
+    cal = fit_map(z, w, ("verbosity", "tone"))
+    reg = fit_map(z, w, ("verbosity", "tone"), method="regression")
+    np.testing.assert_allclose(cal.inv_weight, A, atol=0.05)
+    np.testing.assert_allclose(cal.inv_bias, c, atol=0.05)
+    p = np.array([[0.3, -0.7], [-1.0, 1.0]])
+    np.testing.assert_allclose(cal(cal.to_z(p)), p, atol=1e-9)  # exact round trip
+    # users at a corner: calibration is unbiased there, regression shrinks them towards the middle
+    corner = np.array([1.0, 1.0])
+    zc = corner @ A.T + c + 0.5 * rng.standard_normal((4000, A.shape[0]))
+    assert np.abs(cal(zc).mean(0) - corner).max() < 0.05
+    assert (reg(zc).mean(0) < corner - 0.05).all()
+    with pytest.raises(ValueError, match="2 coordinates"):
+        cal.to_z([0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="method"):
+        fit_map(z, w, ("verbosity", "tone"), method="nope")
+
+
+def test_covariance_projection_closed_form():
+    rng = np.random.default_rng(2)
+    z, w, W, b = _exact_map(rng, d_z=3)
+    m = fit_map(z, w, ("verbosity", "tone"), method="regression")
+    std = np.array([0.5, 1.0, 2.0])
+    np.testing.assert_allclose(m.cov(std), W @ np.diag(std ** 2) @ W.T, atol=1e-9)
+    assert m.cov(np.ones((4, 3))).shape == (4, 2, 2)
+
+
+def test_map_dict_round_trip_and_validation():
+    rng = np.random.default_rng(3)
+    z, w, *_ = _exact_map(rng)
+    m = fit_map(z, w, ("verbosity", "tone"), anchors={"x": [1.0, -1.0]}, axis_labels={"tone": ["formal", "warm"]})
+    back = BehaviourMap.from_dict(json.loads(json.dumps(m.to_dict())))
+    np.testing.assert_allclose(back.weight, m.weight)
+    assert back.anchors == {"x": [1.0, -1.0]} and back.axis_labels["tone"] == ["formal", "warm"]
+    d = m.to_dict()
+    del d["inv_bias"]
+    with pytest.raises(ValueError, match="missing inv_bias"):
+        BehaviourMap.from_dict(d)
+    d = m.to_dict()
+    d["bias"] = [0.0, float("nan")]
+    with pytest.raises(ValueError, match="non-finite"):
+        BehaviourMap.from_dict(d)
+    d = m.to_dict()
+    d["anchors"] = {"x": [1.0]}
+    with pytest.raises(ValueError, match="anchor 'x'"):
+        BehaviourMap.from_dict(d)
+
+
+def test_pairset_take():
+    recs = P.generate_pairs(P.PersonaConfig(seed=0, n_pairs_per_request=1))[:30]
+    ps = pairs_from_records(recs)
+    sub = ps.take([5, 2, 9])
+    assert sub.ids == [ps.ids[5], ps.ids[2], ps.ids[9]]
+    assert sub.a[1] == ps.a[2] and np.array_equal(sub.choices, ps.choices[[5, 2, 9]])
+    assert np.array_equal(sub.attributes, ps.attributes[[5, 2, 9]]) and list(sub.split) == [ps.split[i] for i in (5, 2, 9)]
+
+
+def test_opposites_of_the_archetypes():
+    A = {k: list(v) for k, v in P.ARCHETYPES.items()}
+    assert opposite("busy executive", A) == "friendly tutor"
+    assert opposite("thorough analyst", A) == "casual texter"
+    verb = one_axis_opposites(A, 0)
+    assert set(verb) == {("busy executive", "thorough analyst"), ("casual texter", "friendly tutor")}
+    tone = one_axis_opposites(A, 1)
+    assert set(tone) == {("busy executive", "casual texter"), ("thorough analyst", "friendly tutor")}
+
+
+class _B:  # the parts of PersonaBundle that check_targets reads
+    def __init__(self):
+        self.archetypes = {k: list(v) for k, v in P.ARCHETYPES.items()}
+        self.axes = list(P.AXES)
+
+
+def _gen_result(shift: float, wrong_shift: float, words: dict[str, float]):
+    B = _B()
+    cell = lambda v, w: {"verbosity": {"mean": v[0], "se": 0.01}, "tone": {"mean": v[1], "se": 0.01},  # noqa: E731
+                         "words": {"mean": w, "se": 1.0}}
+    steered = {t: {"5": cell([shift * a[0], shift * a[1]], words[t])} for t, a in B.archetypes.items()}
+    wrong = {t: {"5": cell([-wrong_shift * a[0], -wrong_shift * a[1]], 40)} for t, a in B.archetypes.items()}
+    gaps = {"verbosity: x - y": {"mean": 2 * shift, "se": 0.05, "ratio": 2 * shift / 0.05}}
+    terse = np.mean([words[t] for t, a in B.archetypes.items() if a[0] < 0])
+    thor = np.mean([words[t] for t, a in B.archetypes.items() if a[0] > 0])
+    return {"baseline": cell([0.0, 0.0], 40), "steered": steered, "wrong": wrong, "gaps": gaps,
+            "word_ratio": {"ratio": terse / thor}}
+
+
+def test_check_targets_passes_and_fails_for_the_right_reasons():
+    B = _B()
+    cfg = SteeringConfig(contexts=(0, 5, 10))
+    words = {"busy executive": 10, "casual texter": 14, "thorough analyst": 80, "friendly tutor": 70}
+    good = check_targets({"generation": _gen_result(0.5, 0.3, words)}, B, cfg)
+    assert all(v["met"] for v in good.values()), good
+    bad = check_targets({"generation": _gen_result(-0.5, -0.3, {t: 40 for t in words})}, B, cfg)
+    assert not any(v["met"] for v in bad.values()), bad
+    acc = {t: {"10": {"mean": 0.95 if t != "casual texter" else 0.85}} for t in B.archetypes}
+    cs = {"busy executive + friendly tutor": {"10": {"sum": 1.9}}, "thorough analyst + casual texter": {"10": {"sum": 1.7}},
+          "busy executive + thorough analyst": {"10": {"sum": 1.2}}}
+    r = check_targets({"reward": {"accuracy": acc, "conflict_sum": cs}}, B, cfg)
+    acc_t = r["reward accuracy at N_C=10 (min over archetypes)"]
+    assert not acc_t["met"] and acc_t["value"] == pytest.approx(0.85)
+    cs_t = r["reward conflict sum of opposite archetypes at N_C=10 (min)"]
+    assert set(cs_t["per_pair"]) == {"busy executive + friendly tutor", "thorough analyst + casual texter"}
+    assert cs_t["value"] == pytest.approx(1.7) and not cs_t["met"]
+
+
+def test_default_bundle_prefers_smol_only_when_smollm2_loads(tmp_path, monkeypatch):
+    (tmp_path / "persona-tiny").mkdir()
+    assert default_bundle_dir(tmp_path) == tmp_path / "persona-tiny"
+    (tmp_path / "persona-smol").mkdir()
+    import core.basemodels as bm
+
+    monkeypatch.setattr(bm, "smollm2_available", lambda root=None: False)
+    assert default_bundle_dir(tmp_path) == tmp_path / "persona-tiny"
+    monkeypatch.setattr(bm, "smollm2_available", lambda root=None: True)
+    assert default_bundle_dir(tmp_path) == tmp_path / "persona-smol"
+
+
+needs_tiny = pytest.mark.skipif(not (TINY / "bundle.json").is_file(), reason="assets/models/persona-tiny not built")
+
+
+@needs_tiny
+def test_shipped_tiny_bundle_loads_and_its_parts_agree():
+    b = load_persona_bundle(TINY)
+    assert isinstance(b, PersonaBundle) and b.meta["kind"] == "persona"
+    assert b.axes == list(P.AXES) and set(b.archetypes) == set(P.ARCHETYPES)
+    d_z = b.reward.encoder.cfg.d_z
+    assert b.map.d_z == d_z and b.policy.cfg.d_z == d_z
+    # the policy's context encoder is the reward model's (frozen copy): one z drives both
+    for k, v in b.reward.encoder.state_dict().items():
+        assert torch.equal(v, b.policy.encoder.state_dict()[k]), k
+    assert b.dpo.film is None and b.dpo.encoder is None
+    assert len(b.pool) == len(b.pool_emb[0]) > 100
+    # both policies share one base copy in the bundle
+    assert "base/model.safetensors" in b.meta["files"]
+    assert not any(n.startswith(("policy/base/", "dpo/base/")) for n in b.meta["files"])
+
+
+@needs_tiny
+def test_tampered_or_mislabelled_persona_bundle_is_refused(tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(TINY, dst)
+    mp = json.loads((dst / "map.json").read_text())
+    mp["bias"] = [9.0, 9.0]
+    (dst / "map.json").write_text(json.dumps(mp))
+    with pytest.raises(BundleError, match="map.json does not match its sha256"):
+        load_persona_bundle(dst, policy=False, dpo=False)
+    with pytest.raises(BundleError, match="expected 'persona'"):
+        load_persona_bundle(TINY / "reward", policy=False, dpo=False)

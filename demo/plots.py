@@ -1,0 +1,96 @@
+"""Pure plotly figure builders for the demo (data in, figure out; no state, no IO)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+COLORS = {"busy executive": "#4C72B0", "thorough analyst": "#55A868", "casual texter": "#DD8452",
+          "friendly tutor": "#C44E52"}
+YOU = "#6A3D9A"
+
+
+def ellipse(center: Sequence[float], cov: Sequence[Sequence[float]], n_std: float = 1.0, n: int = 60) -> np.ndarray:
+    """Points (n, 2) on the n_std ellipse of a 2-D Gaussian."""
+    c = np.asarray(cov, dtype=np.float64)[:2, :2]
+    vals, vecs = np.linalg.eigh((c + c.T) / 2)
+    vals = np.clip(vals, 0.0, None)
+    t = np.linspace(0, 2 * math.pi, n)
+    circle = np.stack([np.cos(t), np.sin(t)], 1)  # (n, 2)
+    return np.asarray(center[:2]) + n_std * (circle * np.sqrt(vals)) @ vecs.T
+
+
+def behaviour_map(latent: dict[str, Any], anchors: dict[str, Sequence[float]], axis_labels: dict[str, Sequence[str]],
+                  axes: Sequence[str], manual: Sequence[float] | None = None, height: int = 430) -> go.Figure:
+    """The posterior's path over the behaviour map with its 1σ ellipse and the archetype anchors."""
+    fig = go.Figure()
+    for name, a in anchors.items():
+        fig.add_trace(go.Scatter(x=[a[0]], y=[a[1]], mode="markers+text", text=[name], textposition="bottom center",
+                                 marker={"symbol": "star", "size": 15, "color": COLORS.get(name, "#888")},
+                                 name=name, hoverinfo="text", showlegend=False))
+    traj = np.asarray(latent.get("trajectory") or [[latent["map"]["x"], latent["map"]["y"]]])
+    if len(traj) > 1:
+        fig.add_trace(go.Scatter(x=traj[:, 0], y=traj[:, 1], mode="lines+markers", name="your path",
+                                 line={"color": YOU, "width": 1.5}, marker={"size": 5, "color": YOU},
+                                 text=[f"after {i} clicks" for i in range(len(traj))], hoverinfo="text"))
+    cur = [latent["map"]["x"], latent["map"]["y"]]
+    e = ellipse(cur, latent["cov"])
+    fig.add_trace(go.Scatter(x=e[:, 0], y=e[:, 1], mode="lines", fill="toself", fillcolor="rgba(106,61,154,0.15)",
+                             line={"color": "rgba(106,61,154,0.5)"}, name="uncertainty (1σ)", hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=[cur[0]], y=[cur[1]], mode="markers", name="you (inferred)",
+                             marker={"size": 13, "color": YOU, "line": {"color": "white", "width": 2}}))
+    if manual is not None:
+        fig.add_trace(go.Scatter(x=[manual[0]], y=[manual[1]], mode="markers", name="manual steering point",
+                                 marker={"size": 13, "symbol": "x", "color": "black"}))
+    ax0, ax1 = axes[0], axes[1]
+    l0 = axis_labels.get(ax0, ["−", "+"])
+    l1 = axis_labels.get(ax1, ["−", "+"])
+    fig.update_layout(
+        height=height, margin={"l": 40, "r": 10, "t": 30, "b": 40}, template="plotly_white",
+        xaxis={"range": [-1.45, 1.45], "title": {"text": f"← {l0[0]}   {ax0}   {l0[1]} →"}, "zeroline": True},
+        yaxis={"range": [-1.45, 1.45], "title": {"text": f"← {l1[0]}   {ax1}   {l1[1]} →"}, "zeroline": True},
+        legend={"orientation": "h", "y": -0.18}, title={"text": f"Behaviour map · {latent['n_clicks']} clicks", "x": 0.02})
+    return fig
+
+
+def learning_curve(latent: dict[str, Any], height: int = 300) -> go.Figure:
+    """Before each click, the model's probability of the choice you made; and the running accuracy."""
+    p = [v for v in latent.get("p_choice", []) if v is not None]
+    acc = latent.get("running_accuracy", [])
+    x = list(range(1, len(p) + 1))
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=x, y=p, name="P(your choice) before the click",
+                         marker={"color": ["#55A868" if v > 0.5 else "#C44E52" for v in p]}))
+    fig.add_trace(go.Scatter(x=x, y=acc, mode="lines+markers", name="running 'predicted your choice' rate",
+                             line={"color": "#333"}))
+    fig.add_hline(y=0.5, line={"dash": "dot", "color": "#888"})
+    fig.update_layout(height=height, margin={"l": 40, "r": 10, "t": 30, "b": 40}, template="plotly_white",
+                      yaxis={"range": [0, 1.02], "title": {"text": "probability"}},
+                      xaxis={"title": {"text": "click"}, "dtick": 1 if len(x) <= 20 else None},
+                      legend={"orientation": "h", "y": -0.3},
+                      title={"text": "Learning curve" + (f" · predicted {100 * latent['accuracy']:.0f}% of your clicks"
+                                                          if latent.get("accuracy") is not None else ""), "x": 0.02})
+    return fig
+
+
+def meters_html(attributes: dict[str, float], axis_labels: dict[str, Sequence[str]], words: int | None = None) -> str:
+    """Small horizontal meters, one per behaviour axis, for a generated answer."""
+    rows = []
+    for ax, v in attributes.items():
+        if ax == "words":
+            continue
+        lo, hi = (list(axis_labels.get(ax, ["−", "+"])) + ["", ""])[:2]
+        pct = 50 + 50 * max(-1.0, min(1.0, float(v)))
+        rows.append(
+            f"<div style='display:flex;align-items:center;gap:6px;font-size:12px;margin:2px 0'>"
+            f"<span style='width:90px;text-align:right'>{lo}</span>"
+            f"<div style='flex:1;height:8px;background:#eee;border-radius:4px;position:relative'>"
+            f"<div style='position:absolute;left:calc({pct:.1f}% - 4px);top:-2px;width:8px;height:12px;"
+            f"background:{YOU};border-radius:3px'></div></div>"
+            f"<span style='width:90px'>{hi}</span><span style='width:44px;color:#666'>{v:+.2f}</span></div>")
+    if words is not None:
+        rows.append(f"<div style='font-size:12px;color:#666'>{words} words</div>")
+    return "".join(rows)

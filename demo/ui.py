@@ -1,0 +1,352 @@
+"""Layout and wiring of the Gradio page, plus the named API endpoints (see README)."""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from demo import plots
+from demo.handlers import DemoApp, DemoError
+
+try:  # ZeroGPU on Hugging Face Spaces; a no-op decorator everywhere else
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:  # pragma: no cover - spaces is in requirements.txt
+    def gpu(fn=None, **_kw):
+        return fn if fn is not None else (lambda f: f)
+
+STORAGE_KEY = "few-shot-alignment-session-v1"
+
+
+def _errors(fn: Callable) -> Callable:
+    """Turn DemoError (bad input) into a visible message; the state outputs are left unchanged."""
+    if _is_gen(fn):
+        @functools.wraps(fn)
+        def gen(*a, **k):
+            try:
+                yield from fn(*a, **k)
+            except DemoError as e:
+                raise gr.Error(str(e)) from None
+        return gen
+
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        try:
+            return fn(*a, **k)
+        except DemoError as e:
+            raise gr.Error(str(e)) from None
+    return wrapper
+
+
+def _is_gen(fn: Callable) -> bool:
+    import inspect
+
+    return inspect.isgeneratorfunction(fn)
+
+
+def _md_answer(text: str) -> str:
+    return html.escape(text).replace("\n", "  \n") if text else "…"
+
+
+def build(app: DemoApp) -> gr.Blocks:
+    info = app.model_info()
+    labels = app.map.axis_labels
+    axes = app.bundle.axes
+    archetypes = list(app.bundle.archetypes)
+
+    # -- render helpers ------------------------------------------------------------------------
+    def visuals(state: dict | None, manual: list[float] | None = None):
+        lat = app.latent(state)
+        pair = app.current_pair(state)
+        if pair is None:
+            prompt_md = "*Press **Next pair** (or click A/B after one loads).*"
+            a_md = b_md = ""
+            pred = ""
+        else:
+            prompt_md = f"**Prompt:** {html.escape(pair['prompt'])}"
+            a_md, b_md = _md_answer(pair["a"]), _md_answer(pair["b"])
+            pred = f"The model thinks you prefer **A** with probability **{pair['p_a']:.2f}**."
+        settled = lat["settled_at"]
+        status = (f"**{lat['n_clicks']}** clicks ({lat['n_skipped']} skipped) · you look most like "
+                  f"**{lat['nearest_archetype']}** · map position ({lat['map']['x']:+.2f}, {lat['map']['y']:+.2f})")
+        if settled is not None:
+            status += f" · the estimate settled after **{settled}** clicks"
+        fig_map = plots.behaviour_map(lat, app.bundle.archetypes, labels, axes, manual)
+        fig_curve = plots.learning_curve(lat)
+        return prompt_md, a_md, b_md, pred, fig_map, fig_curve, status
+
+    def manual_point(use_manual: bool, x: float, y: float) -> list[float] | None:
+        return [float(x), float(y)] if use_manual else None
+
+    # -- UI events -------------------------------------------------------------------------------
+    @_errors
+    def ui_restore(saved):
+        state = saved if isinstance(saved, dict) else None
+        try:
+            out = visuals(state)
+        except DemoError:
+            state = None
+            out = visuals(None)
+        if state is None or app.state_of(state).current is None:
+            _, state = app.next_pair(state)
+            out = visuals(state)
+        return (state, *out)
+
+    @_errors
+    def ui_choose(choice, state, use_manual, x, y):
+        _, state = app.choose(choice, state)
+        _, state = app.next_pair(state)
+        return (state, state, *visuals(state, manual_point(use_manual, x, y)))
+
+    @_errors
+    def ui_next(state, mode, use_manual, x, y):
+        state = app.set_mode(mode, state)
+        s = app.state_of(state)
+        if s.current is None:
+            _, state = app.next_pair(state)
+        else:  # replace the pair on screen without recording a click
+            s.current = None
+            _, state = app.next_pair(s.to_dict())
+        return (state, state, *visuals(state, manual_point(use_manual, x, y)))
+
+    @_errors
+    def ui_undo(state, use_manual, x, y):
+        _, state = app.undo(state)
+        return (state, state, *visuals(state, manual_point(use_manual, x, y)))
+
+    @_errors
+    def ui_reset(state, use_manual, x, y):
+        _, state = app.reset(state)
+        _, state = app.next_pair(state)
+        return (state, state, *visuals(state, manual_point(use_manual, x, y)))
+
+    @_errors
+    def ui_mode(mode, state):
+        state = app.set_mode(mode, state)
+        return state, state
+
+    @_errors
+    def ui_autopilot(who, n, state, use_manual, x, y):
+        for _, state in app.autopilot(who, int(n), state):
+            yield (state, state, *visuals(state, manual_point(use_manual, x, y)))
+        _, state = app.next_pair(state)
+        yield (state, state, *visuals(state, manual_point(use_manual, x, y)))
+
+    @_errors
+    def ui_manual(state, use_manual, x, y):
+        return visuals(state, manual_point(use_manual, x, y))[4]
+
+    @gpu
+    @_errors
+    def ui_generate(prompt, state, use_manual, x, y):
+        for s, b in app.stream_both(prompt, state, manual_point(use_manual, x, y)):
+            sm = plots.meters_html(s["attributes"], labels, s["attributes"]["words"]) if s.get("done") else ""
+            bm = plots.meters_html(b["attributes"], labels, b["attributes"]["words"]) if b.get("done") else ""
+            yield _md_answer(s["text"]), sm, _md_answer(b["text"]), bm
+
+    @gpu
+    @_errors
+    def ui_sweep(prompt, axis, state, use_manual, x, y):
+        res = app.sweep(prompt, axis, state, 5, manual_point(use_manual, x, y))
+        lo, hi = labels.get(axis, ["−", "+"])[:2]
+        parts = [f"### Sweep over {axis}: {lo} → {hi}"]
+        for r in res:
+            a = r["attributes"]
+            parts.append(f"**{axis} = {r['point'][axes.index(axis)]:+.1f}** · {a['words']} words · "
+                         + " · ".join(f"{k} {a[k]:+.2f}" for k in axes)
+                         + f"\n\n> {_md_answer(r['text'])}\n")
+        return "\n\n".join(parts)
+
+    @_errors
+    def ui_export(state):
+        prof = app.export_profile(state)
+        f = Path(tempfile.mkdtemp(prefix="profile-")) / "preference-profile.json"
+        f.write_text(json.dumps(prof, indent=2), encoding="utf-8")
+        return str(f), json.dumps(prof, indent=2)
+
+    @_errors
+    def ui_import(text, upload, state, use_manual, x, y):
+        data = upload if upload else text
+        _, state = app.import_profile(data)
+        _, state = app.next_pair(state)
+        gr.Info(f"Profile imported: {app.state_of(state).clicks.__len__()} clicks restored.")
+        return (state, state, *visuals(state, manual_point(use_manual, x, y)))
+
+    # -- API events (JSON in, JSON out; one client = one session) -----------------------------------
+    @_errors
+    def api_next_pair(state):
+        view, state = app.next_pair(state)
+        return view, state
+
+    @_errors
+    def api_choose(choice, state):
+        return app.choose(choice, state)
+
+    @_errors
+    def api_undo(state):
+        return app.undo(state)
+
+    @_errors
+    def api_reset(state):
+        return app.reset(state)
+
+    @_errors
+    def api_latent(state):
+        return app.latent(state)
+
+    @gpu
+    @_errors
+    def api_generate(prompt, mode, state):
+        for out in app.stream(prompt, mode, state):
+            yield out
+
+    @gpu
+    @_errors
+    def api_sweep(prompt, axis, state):
+        return {"answers": app.sweep(prompt, axis, state, 5)}
+
+    @_errors
+    def api_export(state):
+        return app.export_profile(state)
+
+    @_errors
+    def api_import(profile, state):
+        return app.import_profile(profile)
+
+    @_errors
+    def api_autopilot(who, n, state):
+        lat = None
+        for lat, state in app.autopilot(who, int(n), state):
+            pass
+        return lat, state
+
+    # -- layout ----------------------------------------------------------------------------------
+    with gr.Blocks(title="Few-shot steerable alignment") as demo:
+        state = gr.State(None)
+        saved = gr.BrowserState(None, storage_key=STORAGE_KEY)
+        gr.Markdown(
+            "# Few-shot steerable alignment\n"
+            "Click which answer you prefer. A neural process infers your preferences as a latent **z** from your "
+            "clicks (no training, one encoder pass), the map shows where you are, and a language model conditioned "
+            "on z (FiLM + LoRA) answers the way you like.  \n"
+            f"<small>Running **{info['bundle']}** · base `{info['base']}` ({info['parameters'] / 1e6:.1f} M parameters) "
+            f"· {info['device']} · z has {info['d_z']} dimensions · {info['pool']} candidate pairs</small>",
+            elem_id="header")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt_md = gr.Markdown(elem_id="pair-prompt")
+                with gr.Row(equal_height=True):
+                    with gr.Column():
+                        gr.Markdown("**Answer A**")
+                        a_md = gr.Markdown(elem_id="answer-a")
+                    with gr.Column():
+                        gr.Markdown("**Answer B**")
+                        b_md = gr.Markdown(elem_id="answer-b")
+                with gr.Row():
+                    btn_a = gr.Button("A is better", variant="primary", elem_id="btn-a")
+                    btn_b = gr.Button("B is better", variant="primary", elem_id="btn-b")
+                    btn_skip = gr.Button("Skip", elem_id="btn-skip")
+                pred_md = gr.Markdown(elem_id="prediction")
+                with gr.Row():
+                    mode = gr.Radio(["informative", "random"], value="informative", label="Next pair",
+                                    info="informative: the pair whose answer would tell the model most about you")
+                    btn_next = gr.Button("Next pair", elem_id="btn-next")
+                    btn_undo = gr.Button("Undo", elem_id="btn-undo")
+                    btn_reset = gr.Button("Reset", variant="stop", elem_id="btn-reset")
+                status_md = gr.Markdown(elem_id="status")
+            with gr.Column(scale=2):
+                map_plot = gr.Plot(label="Behaviour map", elem_id="map")
+                curve_plot = gr.Plot(label="Learning curve", elem_id="curve")
+
+        gr.Markdown("## Live generation")
+        with gr.Row():
+            gen_prompt = gr.Dropdown(app.prompts, value=app.prompts[0] if app.prompts else None, allow_custom_value=True,
+                                     label="Prompt (pick one or type your own)", scale=4, elem_id="gen-prompt")
+            btn_gen = gr.Button("Generate", variant="primary", scale=1, elem_id="btn-generate")
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown("**Steered to you** (z from your clicks, or the manual point)")
+                steered_md = gr.Markdown(elem_id="steered")
+                steered_meters = gr.HTML()
+            with gr.Column():
+                gr.Markdown("**Baseline** (the same model trained with plain DPO, no z)")
+                base_md = gr.Markdown(elem_id="baseline")
+                base_meters = gr.HTML()
+
+        with gr.Accordion("Manual steering and sweep", open=False):
+            with gr.Row():
+                use_manual = gr.Checkbox(False, label="Steer with this point instead of my clicks")
+                x = gr.Slider(-1, 1, 0, step=0.05, label=f"{axes[0]} ({' ← → '.join(labels.get(axes[0], ['', '']))})")
+                y = gr.Slider(-1, 1, 0, step=0.05, label=f"{axes[1]} ({' ← → '.join(labels.get(axes[1], ['', '']))})")
+            with gr.Row():
+                sweep_axis = gr.Radio(axes, value=axes[0], label="Sweep along")
+                btn_sweep = gr.Button("Sweep (5 answers, one batch)")
+            sweep_md = gr.Markdown()
+
+        with gr.Accordion("Autopilot: watch a simulated user click", open=False):
+            with gr.Row():
+                who = gr.Dropdown(archetypes, value=archetypes[0], label="Simulated user")
+                n_auto = gr.Slider(1, 30, 10, step=1, label="Clicks")
+                btn_auto = gr.Button("Run autopilot", elem_id="btn-autopilot")
+
+        with gr.Accordion("Your profile: export / import", open=False):
+            with gr.Row():
+                btn_export = gr.Button("Export profile")
+                export_file = gr.File(label="Profile file")
+            export_text = gr.Code(language="json", label="Profile JSON")
+            with gr.Row():
+                import_text = gr.Textbox(label="Paste a profile to import", lines=3)
+                import_file = gr.File(label="…or upload one", file_types=[".json"], type="filepath")
+                btn_import = gr.Button("Import profile")
+
+        # hidden API plumbing
+        with gr.Column(visible=False):
+            api_out = gr.JSON()
+            choice_in = gr.Textbox()
+            prompt_in = gr.Textbox()
+            mode_in = gr.Textbox(value="steered")
+            axis_in = gr.Textbox(value=axes[0])
+            profile_in = gr.Textbox()
+            who_in = gr.Textbox()
+            n_in = gr.Number(value=10, precision=0)
+            api_btns = {k: gr.Button(k) for k in ("next_pair", "choose", "undo", "reset", "latent", "generate", "sweep",
+                                                 "export_profile", "import_profile", "autopilot")}
+
+        vis = [prompt_md, a_md, b_md, pred_md, map_plot, curve_plot, status_md]
+        man = [use_manual, x, y]
+        private = {"api_visibility": "private"}
+        demo.load(ui_restore, [saved], [state, *vis], **private)
+        for btn, ch in ((btn_a, "A"), (btn_b, "B"), (btn_skip, "skip")):
+            btn.click(functools.partial(ui_choose, ch), [state, *man], [state, saved, *vis], **private)
+        btn_next.click(ui_next, [state, mode, *man], [state, saved, *vis], **private)
+        btn_undo.click(ui_undo, [state, *man], [state, saved, *vis], **private)
+        btn_reset.click(ui_reset, [state, *man], [state, saved, *vis], **private)
+        mode.change(ui_mode, [mode, state], [state, saved], **private)
+        btn_auto.click(ui_autopilot, [who, n_auto, state, *man], [state, saved, *vis], **private)
+        for c in (use_manual, x, y):
+            c.change(ui_manual, [state, *man], [map_plot], **private)
+        btn_gen.click(ui_generate, [gen_prompt, state, *man], [steered_md, steered_meters, base_md, base_meters],
+                      concurrency_limit=4, **private)
+        btn_sweep.click(ui_sweep, [gen_prompt, sweep_axis, state, *man], [sweep_md], concurrency_limit=2, **private)
+        btn_export.click(ui_export, [state], [export_file, export_text], **private)
+        btn_import.click(ui_import, [import_text, import_file, state, *man], [state, saved, *vis], **private)
+
+        api_btns["next_pair"].click(api_next_pair, [state], [api_out, state], api_name="next_pair")
+        api_btns["choose"].click(api_choose, [choice_in, state], [api_out, state], api_name="choose")
+        api_btns["undo"].click(api_undo, [state], [api_out, state], api_name="undo")
+        api_btns["reset"].click(api_reset, [state], [api_out, state], api_name="reset")
+        api_btns["latent"].click(api_latent, [state], [api_out], api_name="latent")
+        api_btns["generate"].click(api_generate, [prompt_in, mode_in, state], [api_out], api_name="generate",
+                                   concurrency_limit=4)
+        api_btns["sweep"].click(api_sweep, [prompt_in, axis_in, state], [api_out], api_name="sweep", concurrency_limit=2)
+        api_btns["export_profile"].click(api_export, [state], [api_out], api_name="export_profile")
+        api_btns["import_profile"].click(api_import, [profile_in, state], [api_out, state], api_name="import_profile")
+        api_btns["autopilot"].click(api_autopilot, [who_in, n_in, state], [api_out, state], api_name="autopilot")
+    return demo

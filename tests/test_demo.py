@@ -1,0 +1,223 @@
+"""The demo: handlers, the named API through gradio_client, bad input, and a real browser."""
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.data import personas as P
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "assets" / "models" / "persona-tiny"
+pytestmark = pytest.mark.skipif(not (TINY / "bundle.json").is_file(), reason="assets/models/persona-tiny not built")
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def app():
+    from demo.handlers import DemoApp
+
+    return DemoApp(TINY, device="cpu", max_new_tokens=24)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    from demo.ui import build
+
+    demo = build(app).queue(default_concurrency_limit=8)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def _client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+# -- handlers ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt, msg", [
+    ("", "empty"), ("   \n ", "empty"), ("x" * 50_000, "50,000 characters"),
+    ("hello\x00world", "control characters"), ("bell\x07", "U\\+0007"), (None, "must be text"),
+])
+def test_bad_prompts(prompt, msg):
+    from demo.handlers import DemoError, check_prompt
+
+    with pytest.raises(DemoError, match=msg):
+        check_prompt(prompt)
+
+
+def test_unicode_prompt_is_fine(app):
+    from demo.handlers import check_prompt
+
+    assert check_prompt("  Comment dormir mieux ? 睡眠 🌙\n") == "Comment dormir mieux ? 睡眠 🌙"
+    out = app.generate("Comment dormir mieux ? 睡眠 🌙", "steered", None)
+    assert out["done"] and set(out["attributes"]) == {"verbosity", "tone", "words"}
+
+
+def test_model_info_and_default_bundle(app, monkeypatch):
+    from demo.handlers import BUNDLE_ENV, resolve_bundle
+
+    info = app.model_info()
+    assert info["bundle"] == "persona-tiny" and info["device"] == "cpu" and info["pool"] > 100
+    monkeypatch.setenv(BUNDLE_ENV, "/somewhere/else")
+    assert resolve_bundle(None) == Path("/somewhere/else")
+    assert resolve_bundle("x") == Path("x")
+
+
+def test_steering_changes_generation_but_baseline_ignores_state(app):
+    s = None
+    for _, s in app.autopilot("busy executive", 6, s):
+        pass
+    base1 = app.generate("How do I get better sleep?", "baseline", s)["text"]
+    base2 = app.generate("How do I get better sleep?", "baseline", None)["text"]
+    assert base1 == base2  # the baseline never sees z
+    terse = app.generate("How do I get better sleep?", "steered", None, point=[-1.0, -1.0])["text"]
+    thorough = app.generate("How do I get better sleep?", "steered", None, point=[1.0, 1.0])["text"]
+    assert terse != thorough
+
+
+def test_sweep_is_one_batch_across_the_axis(app):
+    res = app.sweep("How do I get better sleep?", "verbosity", None, 5)
+    assert [r["point"][0] for r in res] == pytest.approx([-1, -0.5, 0, 0.5, 1])
+    assert len({r["point"][1] for r in res}) == 1
+    from demo.handlers import DemoError
+
+    with pytest.raises(DemoError, match="sweep axis"):
+        app.sweep("hi", "colour", None)
+
+
+def test_stream_both_yields_growing_text(app):
+    steps = list(app.stream_both("What helps with focus when working from home?", None))
+    assert steps[-1][0]["done"] and steps[-1][1]["done"]
+    lens = [len(s["text"]) for s, _ in steps]
+    assert lens == sorted(lens)
+
+
+# -- API through gradio_client ---------------------------------------------------------------------
+
+def _gold_choice(view, weights):
+    u = [float(np.dot(weights, list(P.score_all(view[k]).values()))) for k in ("a", "b")]
+    return "B" if u[1] > u[0] else "A"
+
+
+def test_two_clients_with_opposite_autopilots_stay_isolated(server):
+    c1, c2 = _client(server), _client(server)
+    w1, w2 = P.ARCHETYPES["busy executive"], P.ARCHETYPES["friendly tutor"]
+    for i in range(10):  # interleaved, so any cross-talk would mix their clicks
+        for c, w in ((c1, w1), (c2, w2)):
+            view = c.predict(api_name="/next_pair")
+            assert set(view) == {"pair_id", "prompt", "a", "b", "p_a"}
+            lat = c.predict(_gold_choice(view, w), api_name="/choose")
+            assert lat["n_clicks"] == i + 1
+    l1, l2 = c1.predict(api_name="/latent"), c2.predict(api_name="/latent")
+    assert l1["n_clicks"] == l2["n_clicks"] == 10
+    p1, p2 = np.array([l1["map"]["x"], l1["map"]["y"]]), np.array([l2["map"]["x"], l2["map"]["y"]])
+    assert (np.sign(p1) == np.sign(w1)).all() and (np.sign(p2) == np.sign(w2)).all(), (p1, p2)
+    assert np.linalg.norm(p1 - p2) > 1.0
+    assert np.asarray(l1["cov"]).shape == (2, 2)
+
+
+def test_api_undo_reset_profiles_and_generate(server):
+    c = _client(server)
+    c.predict(api_name="/next_pair")
+    c.predict("A", api_name="/choose")
+    c.predict(api_name="/next_pair")
+    assert c.predict("B", api_name="/choose")["n_clicks"] == 2
+    assert c.predict(api_name="/undo")["n_clicks"] == 1
+    prof = c.predict(api_name="/export_profile")
+    assert prof["format"] == "few-shot-alignment-profile" and len(prof["clicks"]) == 1
+    assert c.predict(api_name="/reset")["n_clicks"] == 0
+    assert c.predict(json.dumps(prof), api_name="/import_profile")["n_clicks"] == 1
+    out = c.predict("How do I get better sleep?", "steered", api_name="/generate")
+    assert isinstance(out["text"], str) and set(out["attributes"]) == {"verbosity", "tone", "words"}
+    sw = c.predict("How do I get better sleep?", "tone", api_name="/sweep")
+    assert len(sw["answers"]) == 5
+
+
+@pytest.mark.parametrize("endpoint, args, msg", [
+    ("/generate", ("", "steered"), "empty"),
+    ("/generate", ("x" * 50_000, "steered"), "characters"),
+    ("/generate", ("hi\x00there", "steered"), "control characters"),
+    ("/generate", ("hi", "sideways"), "mode must be"),
+    ("/import_profile", ("{not json",), "not valid JSON"),
+    ("/import_profile", ("x" * 300_000,), "limit"),
+    ("/import_profile", (json.dumps({"format": "few-shot-alignment-profile", "version": 1, "clicks": [{"pair_id": "zzz", "choice": "A"}]}),),
+     "not in this model's pool"),
+    ("/import_profile", (json.dumps({"hello": 1}),), "format"),
+    ("/import_profile", ("",), "no profile"),
+    ("/choose", ("maybe",), "next pair first|choice must be"),
+])
+def test_api_bad_input_gets_a_clear_message_and_changes_nothing(server, endpoint, args, msg):
+    import re
+
+    c = _client(server)
+    before = c.predict(api_name="/latent")
+    with pytest.raises(Exception) as e:
+        c.predict(*args, api_name=endpoint)
+    assert re.search(msg, str(e.value)), str(e.value)
+    after = c.predict(api_name="/latent")  # the app is up and the session unchanged
+    assert after["n_clicks"] == before["n_clicks"] and after["map"] == before["map"]
+
+
+def test_choose_before_a_pair_exists(server):
+    c = _client(server)
+    with pytest.raises(Exception, match="next pair first"):
+        c.predict("A", api_name="/choose")
+    assert c.predict(api_name="/latent")["n_clicks"] == 0
+
+
+# -- a real browser ---------------------------------------------------------------------------------
+
+
+@pytest.mark.browser
+def test_browser_clicks_update_map_and_curve_and_generation_streams(server, tmp_path):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("FSA_REQUIRE_BROWSER"):
+            pytest.fail(f"{CHROMIUM} is missing but FSA_REQUIRE_BROWSER is set")
+        pytest.skip(f"{CHROMIUM} not installed")
+    pytest.importorskip("playwright")
+    from playwright.sync_api import sync_playwright
+
+    shots = Path(os.environ.get("FSA_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(server, wait_until="domcontentloaded")
+        page.wait_for_selector("#btn-a")
+        page.wait_for_selector("#map .js-plotly-plot", timeout=30_000)
+        page.wait_for_function("document.querySelector('#answer-a') && document.querySelector('#answer-a').innerText.length > 5",
+                               timeout=30_000)
+        for i in range(5):
+            prev = page.inner_text("#answer-a")
+            page.click("#btn-a" if i % 2 == 0 else "#btn-b")
+            page.wait_for_function(f"document.querySelector('#status').innerText.includes('{i + 1}** clicks') || "
+                                   f"document.querySelector('#status').innerText.includes('{i + 1} clicks')",
+                                   timeout=30_000)
+        status = page.inner_text("#status")
+        assert "5 clicks" in status, status
+        assert "5 clicks" in page.inner_text("#map")  # the map's title counts the clicks
+        bars = page.eval_on_selector("#curve .js-plotly-plot", "el => el.data[0].y.length")
+        assert bars == 5
+        assert page.inner_text("#answer-a") != "" and prev is not None
+        page.click("#btn-generate")
+        page.wait_for_function("document.querySelector('#steered').innerText.trim().length > 3", timeout=60_000)
+        page.wait_for_function("document.querySelector('#baseline').innerText.trim().length > 3", timeout=60_000)
+        page.screenshot(path=str(shots / "demo.png"), full_page=True)
+        browser.close()
+    assert (shots / "demo.png").stat().st_size > 10_000

@@ -134,6 +134,22 @@ def fit_map(z: np.ndarray, w: np.ndarray, axes: Sequence[str], method: str = "ca
                         fit={**fit, **extra.pop("fit", {})}, **extra)
 
 
+def simulate_contexts(pairs, emb: tuple[torch.Tensor, torch.Tensor], users: np.ndarray, n_context: int,
+                      rows: np.ndarray, temperature: float, rng: np.random.Generator):
+    """Context sets for simulated users (U, A): each draws n_context distinct pairs from `rows` and
+    clicks by BTL on the gold attributes. Returns option embeddings a, b (U, C, d), choices and mask (U, C)."""
+    from core.data.personas import AXES
+
+    names = [pairs.attribute_names.index(a) for a in AXES]
+    attrs = pairs.attributes[:, :, names]  # (n, 2, A)
+    idx = np.stack([rng.choice(rows, n_context, replace=False) for _ in range(len(users))])  # (U, C)
+    u = ((attrs[idx, 1] - attrs[idx, 0]) * users[:, None, :]).sum(-1)  # (U, C)
+    p_b = 1 / (1 + np.exp(-np.clip(u / max(temperature, 1e-6), -50, 50)))
+    choice = (rng.random(u.shape) < p_b).astype(np.float32)
+    t = torch.from_numpy(idx)
+    return emb[0][t], emb[1][t], torch.from_numpy(choice), torch.ones(t.shape, dtype=torch.bool)
+
+
 @dataclass
 class PersonaBundle:
     path: Path
@@ -218,12 +234,9 @@ def default_bundle_dir(root: str | os.PathLike | None = None) -> Path:
     root = Path(root) if root is not None else Path(__file__).resolve().parent.parent / "assets" / "models"
     smol = root / "persona-smol"
     if smol.is_dir():
-        try:
-            from core.basemodels import smollm2_available
+        from core.basemodels import smollm2_available
 
-            if smollm2_available():
-                return smol
-        except ImportError:
-            pass
+        if smollm2_available():
+            return smol
     return root / "persona-tiny"
 

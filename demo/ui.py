@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import html
+import inspect
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import gradio as gr
 
@@ -27,7 +28,7 @@ STORAGE_KEY = "few-shot-alignment-session-v1"
 
 def _errors(fn: Callable) -> Callable:
     """Turn DemoError (bad input) into a visible message; the state outputs are left unchanged."""
-    if _is_gen(fn):
+    if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen(*a, **k):
             try:
@@ -45,10 +46,6 @@ def _errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _is_gen(fn: Callable) -> bool:
-    import inspect
-
-    return inspect.isgeneratorfunction(fn)
 
 
 def _md_answer(text: str) -> str:
@@ -176,7 +173,7 @@ def build(app: DemoApp) -> gr.Blocks:
         data = upload if upload else text
         _, state = app.import_profile(data)
         _, state = app.next_pair(state)
-        gr.Info(f"Profile imported: {app.state_of(state).clicks.__len__()} clicks restored.")
+        gr.Info(f"Profile imported: {len(app.state_of(state).clicks)} clicks restored.")
         return (state, state, *visuals(state, manual_point(use_manual, x, y)))
 
     # -- API events (JSON in, JSON out; one client = one session) -----------------------------------

@@ -36,7 +36,8 @@ from core.data import personas as P
 from core.data.pairs import PairSet, load_pairs
 from core.evaluate import conflict_sums, evaluate_cells, policy_score_fn, reward_score_fn
 from core.experiments import figures as F
-from core.persona import PersonaBundle, load_persona_bundle
+from core.encoder import Gaussian
+from core.persona import PersonaBundle, load_persona_bundle, simulate_contexts
 
 
 @dataclass
@@ -126,15 +127,18 @@ def accuracy_suite(pairs: PairSet, score, cfg: SteeringConfig, n_tasks: int, bat
 
 # -- (iii) generation ------------------------------------------------------------------------------
 
-def _latents(encoder, emb, rows: np.ndarray, choices: np.ndarray) -> torch.Tensor:
-    """Posterior means for U users, each with its own context: rows (U, C), choices (U, C)."""
-    t = torch.as_tensor(rows, dtype=torch.long)
-    a, b = emb[0][t], emb[1][t]  # (U, C, d)
-    c = torch.as_tensor(choices, dtype=torch.float32)
-    m = torch.ones(t.shape, dtype=torch.bool)
+def _z(encoder, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Posterior means (U, d_z) of U context sets."""
     with torch.no_grad():
         q = encoder(a, b, c, m)
-    return (q.mean if hasattr(q, "mean") and not isinstance(q, torch.Tensor) else q).float()  # (U, d_z)
+    return (q.mean if isinstance(q, Gaussian) else q).float()
+
+
+def _latents(encoder, emb, rows: np.ndarray, choices: np.ndarray) -> torch.Tensor:
+    """Posterior means for U users with recorded choices: rows (U, C), choices (U, C)."""
+    t = torch.as_tensor(rows, dtype=torch.long)
+    return _z(encoder, emb[0][t], emb[1][t], torch.as_tensor(choices, dtype=torch.float32),
+              torch.ones(t.shape, dtype=torch.bool))
 
 
 def _generate(policy, prompts: list[str], z: torch.Tensor | None, cfg: SteeringConfig) -> list[str]:
@@ -184,11 +188,7 @@ def generation_suite(bundle: PersonaBundle, pairs: PairSet, emb, cfg: SteeringCo
                     jobs.append(("wrong", t, n_c))
         users = np.stack([P.sample_user(rng, "sphere") for _ in range(cfg.gen_continuous)]) if cfg.gen_continuous else None
         if users is not None:
-            rows = np.stack([rng.permutation(ctx_rows)[:max_c] for _ in users])  # (K, C)
-            attrs = pairs.attributes[rows]  # (K, C, 2, A)
-            u = ((attrs[:, :, 1] - attrs[:, :, 0]) * users[:, None, :]).sum(-1)  # (K, C)
-            ch = (rng.random(u.shape) < 1 / (1 + np.exp(-u / 0.1))).astype(np.float32)
-            zs.append(_latents(policy.encoder, emb, rows, ch))
+            zs.append(_z(policy.encoder, *simulate_contexts(pairs, emb, users, max_c, ctx_rows, 0.1, rng)))
         Z = torch.cat(zs)  # (J [+ K], d_z)
         P_ = len(eval_prompts)
         texts = _generate(policy, eval_prompts * len(Z), Z.repeat_interleave(P_, 0), cfg)
@@ -264,11 +264,7 @@ def map_suite(bundle: PersonaBundle, pairs: PairSet, emb, cfg: SteeringConfig) -
                                               "point": pts.mean(0).tolist()}
     users = np.stack([P.sample_user(rng, "square") for _ in range(cfg.map_draws)])  # (D, A)
     for n_c in cfg.contexts:
-        rows = np.stack([rng.choice(rows_all, n_c, replace=False) for _ in users])
-        attrs = pairs.attributes[rows]  # (D, C, 2, A)
-        u = ((attrs[:, :, 1] - attrs[:, :, 0]) * users[:, None, :]).sum(-1)  # (D, C)
-        ch = (rng.random(u.shape) < 1 / (1 + np.exp(-u / 0.1))).astype(np.float32)
-        pts = bundle.map(_latents(bundle.reward.encoder, emb, rows, ch))
+        pts = bundle.map(_z(bundle.reward.encoder, *simulate_contexts(pairs, emb, users, n_c, rows_all, 0.1, rng)))
         err = np.linalg.norm(pts - users, axis=1)
         out["continuous"][str(n_c)] = {"error": float(err.mean()), "error_se": float(err.std(ddof=1) / np.sqrt(len(err)))}
     return out

@@ -38,7 +38,7 @@ from core.config import run_config_from_dict
 from core.data import personas as P
 from core.data.pairs import PairSet, load_pairs, write_pairs
 from core.embed import EmbeddingCache, MiniLMEmbedder, embed_pairs
-from core.persona import BehaviourMap, fit_map
+from core.persona import BehaviourMap, fit_map, simulate_contexts
 
 
 @dataclass
@@ -177,21 +177,6 @@ def stage_policy(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_dir:
     return out
 
 
-def simulate_contexts(pairs: PairSet, emb, users: np.ndarray, n_context: int, split: str,
-                      temperature: float, rng: np.random.Generator):
-    """Context sets for given users (U, A): option embeddings and BTL choices on `split` pairs."""
-    rows = pairs.indices(split)
-    names = [pairs.attribute_names.index(a) for a in P.AXES]
-    attrs = pairs.attributes[:, :, names]  # (n, 2, A)
-    idx = np.stack([rng.choice(rows, n_context, replace=False) for _ in range(len(users))])  # (U, C)
-    diff = attrs[idx, 1] - attrs[idx, 0]  # (U, C, A)
-    u = (diff * users[:, None, :]).sum(-1)  # (U, C)
-    p_b = 1 / (1 + np.exp(-np.clip(u / max(temperature, 1e-6), -50, 50)))
-    choice = (rng.random(u.shape) < p_b).astype(np.float32)
-    t = torch.from_numpy(idx)
-    return emb[0][t], emb[1][t], torch.from_numpy(choice), torch.ones(t.shape, dtype=torch.bool)
-
-
 def stage_map(cfg: RecipeConfig, pairs: PairSet, emb, reward_dir: Path) -> BehaviourMap:
     """Least-squares maps z <-> (verbosity, tone) weights, fitted on held-out (val) simulated users."""
     reward, _ = load_reward_bundle(reward_dir)
@@ -202,7 +187,7 @@ def stage_map(cfg: RecipeConfig, pairs: PairSet, emb, reward_dir: Path) -> Behav
     zs, ws = [], []
     with torch.no_grad():
         for n_c in (3, 5, 10):
-            a, b, c, m = simulate_contexts(pairs, emb, users, n_c, "val", cfg.choice_temperature, rng)
+            a, b, c, m = simulate_contexts(pairs, emb, users, n_c, pairs.indices("val"), cfg.choice_temperature, rng)
             zs.append(reward.encoder(a, b, c, m).mean.numpy())
             ws.append(users)
     return fit_map(np.concatenate(zs), np.concatenate(ws), P.AXES,

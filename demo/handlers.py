@@ -6,6 +6,7 @@ policies, return JSON-able dicts. One `DemoApp` per process; per-user state is p
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 import time
@@ -40,6 +41,18 @@ def check_prompt(prompt: Any) -> str:
     if bad:
         raise DemoError(f"the prompt contains control characters ({', '.join(bad[:5])}); remove them and try again")
     return p
+
+
+def map_point(x: Any, y: Any, step: float = 0.05, limit: float = 1.0) -> list[float]:
+    """A point picked on the behaviour map (a click or the sliders) as [x, y]: clipped to
+    [-limit, limit] and rounded to a multiple of `step`, the sliders' resolution."""
+    try:
+        v = [float(x), float(y)]
+    except (TypeError, ValueError):
+        raise DemoError(f"a map point needs two numbers, got x={x!r}, y={y!r}") from None
+    if not all(math.isfinite(a) for a in v):
+        raise DemoError(f"a map point needs two finite numbers, got x={x!r}, y={y!r}")
+    return [round(round(min(max(a, -limit), limit) / step) * step, 6) + 0.0 for a in v]
 
 
 def resolve_bundle(arg: str | os.PathLike | None = None) -> Path:
@@ -206,7 +219,8 @@ class DemoApp:
 
     def stream(self, prompt: str, mode: str, state: dict | None, point: list[float] | None = None
                ) -> Iterator[dict[str, Any]]:
-        """Yields {text, attributes, mode, done} as the answer grows."""
+        """Yields {text, mode, tokens, done} after every generated token (tokens: how many so far),
+        then once more with done=True and the answer's attributes."""
         p = check_prompt(prompt)
         if mode not in ("steered", "baseline"):
             raise DemoError(f"mode must be 'steered' or 'baseline', got {mode!r}")
@@ -215,11 +229,11 @@ class DemoApp:
             it = self.bundle.policy.stream([p], self.z_for(state, point)[None], **kw)
         else:
             it = self.bundle.dpo.stream([p], None, **kw)
-        text = ""
-        for texts in it:
+        text, n = "", 0
+        for n, texts in enumerate(it, 1):  # BatchStreamer yields once per generated token
             text = texts[0]
-            yield {"text": text, "mode": mode, "done": False}
-        yield {"text": text, "attributes": self.scores(text), "mode": mode, "done": True}
+            yield {"text": text, "mode": mode, "tokens": n, "done": False}
+        yield {"text": text, "attributes": self.scores(text), "mode": mode, "tokens": n, "done": True}
 
     def stream_both(self, prompt: str, state: dict | None, point: list[float] | None = None
                     ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:

@@ -11,6 +11,9 @@ import plotly.graph_objects as go
 COLORS = {"busy executive": "#4C72B0", "thorough analyst": "#55A868", "casual texter": "#DD8452",
           "friendly tutor": "#C44E52"}
 YOU = "#6A3D9A"
+CLICK_TARGET = "click-target"  # `meta` tag of the map's invisible click layer (the page's JS looks for it)
+MAP_STEP = 0.05  # resolution of a map click: the manual-steering sliders' step
+MAP_LIMIT = 1.0  # clicks and sliders cover [-MAP_LIMIT, MAP_LIMIT]^2
 
 
 def ellipse(center: Sequence[float], cov: Sequence[Sequence[float]], n_std: float = 1.0, n: int = 60) -> np.ndarray:
@@ -23,10 +26,31 @@ def ellipse(center: Sequence[float], cov: Sequence[Sequence[float]], n_std: floa
     return np.asarray(center[:2]) + n_std * (circle * np.sqrt(vals)) @ vecs.T
 
 
+def click_layer(axes: Sequence[str], step: float = MAP_STEP, limit: float = MAP_LIMIT) -> go.Heatmap:
+    """An invisible heatmap over [-limit, limit]^2, one cell per `step`.
+
+    plotly only reports clicks on traces (`plotly_click`), so this layer makes a click anywhere in
+    the steerable square register; the clicked cell's centre (x, y) is a multiple of `step`.
+    """
+    n = int(round(2 * limit / step)) + 1
+    grid = np.round(np.linspace(-limit, limit, n), 6)
+    return go.Heatmap(x=grid, y=grid, z=np.zeros((n, n)), meta=CLICK_TARGET, name="steer here", showscale=False,
+                      colorscale=[[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]], showlegend=False,
+                      hovertemplate=f"click to steer from here<br>{axes[0]} %{{x:.2f}} · {axes[1]} %{{y:.2f}}"
+                                    "<extra></extra>")
+
+
 def behaviour_map(latent: dict[str, Any], anchors: dict[str, Sequence[float]], axis_labels: dict[str, Sequence[str]],
                   axes: Sequence[str], manual: Sequence[float] | None = None, height: int = 430) -> go.Figure:
-    """The posterior's path over the behaviour map with its 1σ ellipse and the archetype anchors."""
+    """The posterior's path over the behaviour map with its 1σ ellipse and the archetype anchors.
+
+    The first trace is an invisible click layer over the steerable square (see `click_layer`),
+    outlined by a dotted box; `manual` is the manual-steering point, drawn as a cross.
+    """
     fig = go.Figure()
+    fig.add_trace(click_layer(axes))
+    fig.add_shape(type="rect", x0=-MAP_LIMIT, y0=-MAP_LIMIT, x1=MAP_LIMIT, y1=MAP_LIMIT, layer="below",
+                  line={"color": "rgba(0,0,0,0.45)", "width": 1.5, "dash": "dot"})
     for name, a in anchors.items():
         fig.add_trace(go.Scatter(x=[a[0]], y=[a[1]], mode="markers+text", text=[name], textposition="bottom center",
                                  marker={"symbol": "star", "size": 15, "color": COLORS.get(name, "#888")},
@@ -44,15 +68,19 @@ def behaviour_map(latent: dict[str, Any], anchors: dict[str, Sequence[float]], a
                              marker={"size": 13, "color": YOU, "line": {"color": "white", "width": 2}}))
     if manual is not None:
         fig.add_trace(go.Scatter(x=[manual[0]], y=[manual[1]], mode="markers", name="manual steering point",
-                                 marker={"size": 13, "symbol": "x", "color": "black"}))
+                                 meta="manual-point", marker={"size": 13, "symbol": "x", "color": "black"}))
     ax0, ax1 = axes[0], axes[1]
     l0 = axis_labels.get(ax0, ["−", "+"])
     l1 = axis_labels.get(ax1, ["−", "+"])
     fig.update_layout(
         height=height, margin={"l": 40, "r": 10, "t": 30, "b": 40}, template="plotly_white",
-        xaxis={"range": [-1.45, 1.45], "title": {"text": f"← {l0[0]}   {ax0}   {l0[1]} →"}, "zeroline": True},
-        yaxis={"range": [-1.45, 1.45], "title": {"text": f"← {l1[0]}   {ax1}   {l1[1]} →"}, "zeroline": True},
-        legend={"orientation": "h", "y": -0.18}, title={"text": f"Behaviour map · {latent['n_clicks']} clicks", "x": 0.02})
+        xaxis={"range": [-1.45, 1.45], "title": {"text": f"← {l0[0]}   {ax0}   {l0[1]} →"}, "zeroline": True,
+               "fixedrange": True},
+        yaxis={"range": [-1.45, 1.45], "title": {"text": f"← {l1[0]}   {ax1}   {l1[1]} →"}, "zeroline": True,
+               "fixedrange": True},
+        legend={"orientation": "h", "y": -0.18},
+        title={"text": f"Behaviour map · {latent['n_clicks']} clicks", "x": 0.02},
+        hovermode="closest", dragmode=False)  # no zoom box: a press on the map is a click that steers
     return fig
 
 

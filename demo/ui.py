@@ -13,7 +13,7 @@ from typing import Callable
 import gradio as gr
 
 from demo import plots
-from demo.handlers import DemoApp, DemoError
+from demo.handlers import DemoApp, DemoError, map_point
 
 try:  # ZeroGPU on Hugging Face Spaces; a no-op decorator everywhere else
     import spaces
@@ -24,6 +24,65 @@ except ImportError:  # pragma: no cover - spaces is in requirements.txt
         return fn if fn is not None else (lambda f: f)
 
 STORAGE_KEY = "few-shot-alignment-session-v1"
+
+# The queue, for a small CPU box (a cpu-basic Space has 2 vCPUs). Measured with benchmarks/demo.py:
+# 10 users clicking back to back, persona-tiny, 2 cores shared with other work, so read the ratios.
+# - Light events (clicks, pairs, the posterior, profiles) keep no per-user state on the server
+#   and the engine only reads its weights, so several may run at once; Gradio's default is one
+#   call of each event at a time. They are CPU-bound and partly hold the GIL, so running more than
+#   the 2 cores only time-slices them: with 4 at once an API /choose took 220-240 ms (median)
+#   against 140-170 ms with 2 and 72 ms with 1, yet with 1 the page's click event had the longest
+#   tail (p95 2.0-2.3 s against 1.3-1.8 s with 2). Hence CLICK_CONCURRENCY = 2, one per core.
+# - Generation holds the policy's lock (FiLM conditioning is module state), so two generations on
+#   one model never overlap whatever the queue allows. All generation events (page and API,
+#   sweeps too) share one lane of GENERATION_CONCURRENCY = 1: waiting users keep their place in a
+#   FIFO line that the page shows, instead of all looking "running" while blocked on the lock,
+#   and a burst of generations cannot take the worker threads that clicks need. One page
+#   generation already keeps both cores busy (steered and baseline stream side by side).
+CLICK_CONCURRENCY = 2
+GENERATION_LANE = "generation"
+GENERATION_CONCURRENCY = 1
+MAP_CLICK_ID = "map-click"  # the hidden button that carries a click on the map to the server
+
+# Clicking the map. gr.Plot has no click event, so a small script (run once when the page loads)
+# listens to plotly's `plotly_click` on the map figure, keeps the clicked point in
+# window.__fsaMapClick and presses the hidden #map-click button. That button's event swaps the
+# point into its x, y inputs in its `js` step (MAP_CLICK_INPUTS_JS) before the server sees them,
+# so a click goes through the same Python path as moving the sliders. plotly only reports clicks
+# on traces, hence the invisible heatmap that plots.behaviour_map lays over the steerable square;
+# the listener is attached again whenever the plot element is replaced.
+MAP_CLICK_HOOK_JS = """
+() => {
+  if (window.__fsaMapHook) return [];
+  window.__fsaMapHook = true;
+  const step = %(step)r, limit = %(limit)r;
+  const snap = (v) => Math.max(-limit, Math.min(limit, Math.round(Number(v) / step) * step));
+  const onClick = (ev) => {
+    const pts = (ev && ev.points) || [];
+    const pt = pts.find((p) => p.data && p.data.meta === %(tag)r) || pts[0];
+    if (!pt || !Number.isFinite(Number(pt.x)) || !Number.isFinite(Number(pt.y))) return;
+    window.__fsaMapClick = [snap(pt.x), snap(pt.y)];
+    const btn = document.getElementById(%(button)r);
+    if (btn) btn.click();
+  };
+  const attach = () => {
+    const gd = document.querySelector("#map .js-plotly-plot");
+    if (!gd || typeof gd.on !== "function" || typeof gd.removeListener !== "function") return;
+    gd.removeListener("plotly_click", onClick);  // at most one listener per plot element
+    gd.on("plotly_click", onClick);
+  };
+  new MutationObserver(attach).observe(document.body, {childList: true, subtree: true});
+  attach();
+  return [];
+}
+""" % {"step": plots.MAP_STEP, "limit": plots.MAP_LIMIT, "tag": plots.CLICK_TARGET, "button": MAP_CLICK_ID}
+MAP_CLICK_INPUTS_JS = """
+(state, x, y) => {
+  const p = window.__fsaMapClick;
+  window.__fsaMapClick = null;
+  return p ? [state, p[0], p[1]] : [state, x, y];
+}
+"""
 
 
 def _errors(fn: Callable) -> Callable:
@@ -46,6 +105,11 @@ def _errors(fn: Callable) -> Callable:
     return wrapper
 
 
+
+
+def configure_queue(demo: gr.Blocks) -> gr.Blocks:
+    """The queue settings app.py serves with (the tests use them too); see the notes above."""
+    return demo.queue(default_concurrency_limit=CLICK_CONCURRENCY)
 
 
 def _md_answer(text: str) -> str:
@@ -80,7 +144,10 @@ def build(app: DemoApp) -> gr.Blocks:
         return prompt_md, a_md, b_md, pred, fig_map, fig_curve, status
 
     def manual_point(use_manual: bool, x: float, y: float) -> list[float] | None:
-        return [float(x), float(y)] if use_manual else None
+        return map_point(x, y, plots.MAP_STEP, plots.MAP_LIMIT) if use_manual else None
+
+    def map_figure(state: dict | None, manual: list[float] | None):
+        return plots.behaviour_map(app.latent(state), app.bundle.archetypes, labels, axes, manual)
 
     # -- UI events -------------------------------------------------------------------------------
     @_errors
@@ -138,7 +205,18 @@ def build(app: DemoApp) -> gr.Blocks:
 
     @_errors
     def ui_manual(state, use_manual, x, y):
-        return visuals(state, manual_point(use_manual, x, y))[4]
+        return map_figure(state, manual_point(use_manual, x, y))
+
+    @_errors
+    def ui_slide(state, x, y):
+        """A slider moved: steer from the sliders' point from now on."""
+        return True, map_figure(state, manual_point(True, x, y))
+
+    @_errors
+    def ui_map_click(state, x, y):
+        """The map was clicked at (x, y): move the sliders there and steer from that point."""
+        px, py = map_point(x, y, plots.MAP_STEP, plots.MAP_LIMIT)
+        return True, px, py, map_figure(state, [px, py]), gr.Accordion(open=True)
 
     @gpu
     @_errors
@@ -260,6 +338,9 @@ def build(app: DemoApp) -> gr.Blocks:
                 status_md = gr.Markdown(elem_id="status")
             with gr.Column(scale=2):
                 map_plot = gr.Plot(label="Behaviour map", elem_id="map")
+                gr.Markdown("<small>Click anywhere in the dotted square to steer generation from that point "
+                            "(it sets the manual-steering sliders below).</small>", elem_id="map-hint")
+                map_click = gr.Button("Steer from the clicked point", visible="hidden", elem_id=MAP_CLICK_ID)
                 curve_plot = gr.Plot(label="Learning curve", elem_id="curve")
 
         gr.Markdown("## Live generation")
@@ -277,11 +358,15 @@ def build(app: DemoApp) -> gr.Blocks:
                 base_md = gr.Markdown(elem_id="baseline")
                 base_meters = gr.HTML()
 
-        with gr.Accordion("Manual steering and sweep", open=False):
+        with gr.Accordion("Manual steering and sweep", open=False) as manual_box:
             with gr.Row():
-                use_manual = gr.Checkbox(False, label="Steer with this point instead of my clicks")
-                x = gr.Slider(-1, 1, 0, step=0.05, label=f"{axes[0]} ({' ← → '.join(labels.get(axes[0], ['', '']))})")
-                y = gr.Slider(-1, 1, 0, step=0.05, label=f"{axes[1]} ({' ← → '.join(labels.get(axes[1], ['', '']))})")
+                use_manual = gr.Checkbox(False, label="Steer with this point instead of my clicks",
+                                         info="moving a slider or clicking the map turns this on", elem_id="use-manual")
+                lim, step = plots.MAP_LIMIT, plots.MAP_STEP
+                x = gr.Slider(-lim, lim, 0, step=step, elem_id="manual-x",
+                              label=f"{axes[0]} ({' ← → '.join(labels.get(axes[0], ['', '']))})")
+                y = gr.Slider(-lim, lim, 0, step=step, elem_id="manual-y",
+                              label=f"{axes[1]} ({' ← → '.join(labels.get(axes[1], ['', '']))})")
             with gr.Row():
                 sweep_axis = gr.Radio(axes, value=axes[0], label="Sweep along")
                 btn_sweep = gr.Button("Sweep (5 answers, one batch)")
@@ -327,11 +412,18 @@ def build(app: DemoApp) -> gr.Blocks:
         btn_reset.click(ui_reset, [state, *man], [state, saved, *vis], **private)
         mode.change(ui_mode, [mode, state], [state, saved], **private)
         btn_auto.click(ui_autopilot, [who, n_auto, state, *man], [state, saved, *vis], **private)
-        for c in (use_manual, x, y):
-            c.change(ui_manual, [state, *man], [map_plot], **private)
+        # .input (the user's own moves) rather than .change, so a map click that sets all three
+        # does not redraw the map three more times
+        use_manual.input(ui_manual, [state, *man], [map_plot], **private)
+        for c in (x, y):
+            c.input(ui_slide, [state, x, y], [use_manual, map_plot], **private)
+        demo.load(None, js=MAP_CLICK_HOOK_JS)
+        map_click.click(ui_map_click, [state, x, y], [use_manual, x, y, map_plot, manual_box], js=MAP_CLICK_INPUTS_JS,
+                        trigger_mode="always_last", **private)
+        lane = {"concurrency_limit": GENERATION_CONCURRENCY, "concurrency_id": GENERATION_LANE}
         btn_gen.click(ui_generate, [gen_prompt, state, *man], [steered_md, steered_meters, base_md, base_meters],
-                      concurrency_limit=4, **private)
-        btn_sweep.click(ui_sweep, [gen_prompt, sweep_axis, state, *man], [sweep_md], concurrency_limit=2, **private)
+                      **lane, **private)
+        btn_sweep.click(ui_sweep, [gen_prompt, sweep_axis, state, *man], [sweep_md], **lane, **private)
         btn_export.click(ui_export, [state], [export_file, export_text], **private)
         btn_import.click(ui_import, [import_text, import_file, state, *man], [state, saved, *vis], **private)
 
@@ -340,9 +432,8 @@ def build(app: DemoApp) -> gr.Blocks:
         api_btns["undo"].click(api_undo, [state], [api_out, state], api_name="undo")
         api_btns["reset"].click(api_reset, [state], [api_out, state], api_name="reset")
         api_btns["latent"].click(api_latent, [state], [api_out], api_name="latent")
-        api_btns["generate"].click(api_generate, [prompt_in, mode_in, state], [api_out], api_name="generate",
-                                   concurrency_limit=4)
-        api_btns["sweep"].click(api_sweep, [prompt_in, axis_in, state], [api_out], api_name="sweep", concurrency_limit=2)
+        api_btns["generate"].click(api_generate, [prompt_in, mode_in, state], [api_out], api_name="generate", **lane)
+        api_btns["sweep"].click(api_sweep, [prompt_in, axis_in, state], [api_out], api_name="sweep", **lane)
         api_btns["export_profile"].click(api_export, [state], [api_out], api_name="export_profile")
         api_btns["import_profile"].click(api_import, [profile_in, state], [api_out, state], api_name="import_profile")
         api_btns["autopilot"].click(api_autopilot, [who_in, n_in, state], [api_out, state], api_name="autopilot")

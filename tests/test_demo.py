@@ -32,9 +32,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(app):
-    from demo.ui import build
+    from demo.ui import build, configure_queue
 
-    demo = build(app).queue(default_concurrency_limit=8)
+    demo = configure_queue(build(app))
     port = _free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
@@ -105,6 +105,49 @@ def test_stream_both_yields_growing_text(app):
     assert steps[-1][0]["done"] and steps[-1][1]["done"]
     lens = [len(s["text"]) for s, _ in steps]
     assert lens == sorted(lens)
+
+
+def test_stream_counts_generated_tokens(app):
+    steps = list(app.stream("How do I get better sleep?", "steered", None))
+    counts = [s["tokens"] for s in steps]
+    assert counts[:-1] == list(range(1, len(steps))) and counts[-1] == counts[-2]  # one update per token
+    assert 1 <= counts[-1] <= app.max_new_tokens + 1
+
+
+@pytest.mark.parametrize("x, y, want", [
+    (0.5, -0.3, [0.5, -0.3]), (0.512, -0.287, [0.5, -0.3]), (3, -7, [1.0, -1.0]), ("0.25", 0, [0.25, 0.0]),
+    (-0.0, 0.024, [0.0, 0.0]),
+])
+def test_map_point_clips_and_snaps_to_the_slider_step(x, y, want):
+    from demo.handlers import map_point
+
+    assert map_point(x, y) == want
+
+
+@pytest.mark.parametrize("x, y, msg", [(None, 0, "two numbers"), ("left", 0, "two numbers"),
+                                       (float("nan"), 0, "finite"), (0, float("inf"), "finite")])
+def test_map_point_rejects_bad_input(x, y, msg):
+    from demo.handlers import DemoError, map_point
+
+    with pytest.raises(DemoError, match=msg):
+        map_point(x, y)
+
+
+def test_behaviour_map_has_a_click_layer_over_the_steerable_square(app):
+    from demo import plots
+
+    lat = app.latent(None)
+    fig = plots.behaviour_map(lat, app.bundle.archetypes, app.map.axis_labels, app.bundle.axes, manual=[0.5, -0.3])
+    layer = fig.data[0]  # first, so every other trace is drawn above it
+    assert layer.type == "heatmap" and layer.meta == plots.CLICK_TARGET and layer.hoverinfo != "skip"
+    xs = np.asarray(layer.x)
+    assert xs[0] == -plots.MAP_LIMIT and xs[-1] == plots.MAP_LIMIT
+    np.testing.assert_allclose(np.diff(xs), plots.MAP_STEP)
+    assert np.asarray(layer.z).shape == (len(xs), len(np.asarray(layer.y)))
+    assert all(c[1] == "rgba(0,0,0,0)" for c in layer.colorscale)  # invisible
+    manual = [t for t in fig.data if t.meta == "manual-point"]
+    assert len(manual) == 1 and (manual[0].x[0], manual[0].y[0]) == (0.5, -0.3)
+    assert fig.layout.dragmode is False  # a press on the map is a click, not a zoom box
 
 
 # -- API through gradio_client ---------------------------------------------------------------------
@@ -183,8 +226,26 @@ def test_choose_before_a_pair_exists(server):
 # -- a real browser ---------------------------------------------------------------------------------
 
 
+def _click_map(page, x: float, y: float) -> None:
+    """A real mouse click on the behaviour map at data coordinates (x, y)."""
+    px, py = page.eval_on_selector("#map .js-plotly-plot", """(el, p) => {
+        el.scrollIntoView({block: "center"});
+        const L = el._fullLayout, r = el.getBoundingClientRect();
+        return [r.left + L._size.l + L.xaxis.l2p(p[0]), r.top + L._size.t + L.yaxis.l2p(p[1])];
+    }""", [x, y])
+    page.mouse.click(px, py)
+
+
+def _wait_manual_point(page, x: float, y: float) -> None:
+    page.wait_for_function("""(p) => {
+        const el = document.querySelector('#map .js-plotly-plot');
+        return el && el.data.some(t => t.meta === 'manual-point' && Math.abs(t.x[0] - p[0]) < 1e-9
+                                       && Math.abs(t.y[0] - p[1]) < 1e-9);
+    }""", arg=[x, y], timeout=30_000)
+
+
 @pytest.mark.browser
-def test_browser_clicks_update_map_and_curve_and_generation_streams(server, tmp_path):
+def test_browser_clicks_update_map_and_curve_and_generation_streams(server, app, tmp_path):
     if not Path(CHROMIUM).exists():
         if os.environ.get("FSA_REQUIRE_BROWSER"):
             pytest.fail(f"{CHROMIUM} is missing but FSA_REQUIRE_BROWSER is set")
@@ -219,5 +280,26 @@ def test_browser_clicks_update_map_and_curve_and_generation_streams(server, tmp_
         page.wait_for_function("document.querySelector('#steered').innerText.trim().length > 3", timeout=60_000)
         page.wait_for_function("document.querySelector('#baseline').innerText.trim().length > 3", timeout=60_000)
         page.screenshot(path=str(shots / "demo.png"), full_page=True)
+
+        # clicking the map sets the manual-steering point: sliders, checkbox, the cross on the map
+        # (the sliders sit in a closed accordion, which is not rendered until the click opens it)
+        assert page.eval_on_selector("#map .js-plotly-plot", "el => el.data.every(t => t.meta !== 'manual-point')")
+        for x, y in ((0.5, -0.5), (-0.75, 0.25)):  # twice: the listener survives the map's redraws
+            _click_map(page, x, y)
+            _wait_manual_point(page, x, y)
+            assert page.is_checked("#use-manual input")
+            assert float(page.input_value("#manual-x input[type=number]")) == pytest.approx(x)
+            assert float(page.input_value("#manual-y input[type=number]")) == pytest.approx(y)
+        _click_map(page, 1.4, 1.4)  # outside the steerable square: nothing happens
+        page.wait_for_timeout(500)
+        assert float(page.input_value("#manual-x input[type=number]")) == pytest.approx(-0.75)
+        assert "5 clicks" in page.inner_text("#status")  # a map click is not a preference click
+
+        # ...and generation now steers from that point, exactly as the API does for it
+        want = app.generate(page.input_value("#gen-prompt input"), "steered", None, point=[-0.75, 0.25])["text"]
+        page.click("#btn-generate")
+        page.wait_for_function("(w) => document.querySelector('#steered').innerText.replace(/\\s+/g, ' ').trim() === w",
+                               arg=" ".join(want.split()), timeout=60_000)
+        page.screenshot(path=str(shots / "demo-map-click.png"), full_page=True)
         browser.close()
     assert (shots / "demo.png").stat().st_size > 10_000

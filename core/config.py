@@ -1,4 +1,11 @@
-"""Run configuration: dataclasses read from YAML, with unknown keys rejected by name."""
+"""Run configuration: dataclasses read from YAML, with unknown keys rejected by name.
+
+A config file has up to four sections: `train` (TrainConfig), `tasks` (TaskConfig), `model`
+(the reward or policy model's options) and, for the CLI only, `job` (JobConfig: what to train
+on and where to write it, i.e. the command-line flags). `train` / `tasks` / `model` make the
+RunConfig, which is fingerprinted for resume and stored in the bundle; `job` is not (moving
+the output folder or the data file must not change what a run is).
+"""
 
 from __future__ import annotations
 
@@ -63,9 +70,12 @@ def _build(cls, d: dict[str, Any], where: str):
 
 def run_config_from_dict(d: dict[str, Any] | None, where: str = "config") -> RunConfig:
     d = dict(d or {})
+    if "job" in d:
+        raise ValueError(f"{where}: the 'job' section is read by the CLI (core.config.split_job), "
+                         "not by run_config_from_dict; split it off first")
     unknown = sorted(set(d) - {"train", "tasks", "model"})
     if unknown:
-        raise ValueError(f"{where}: unknown section(s) {unknown}; known: ['model', 'tasks', 'train']")
+        raise ValueError(f"{where}: unknown section(s) {unknown}; known: ['job', 'model', 'tasks', 'train']")
     return RunConfig(
         train=_build(TrainConfig, d.get("train") or {}, f"{where}: train"),
         tasks=_build(TaskConfig, d.get("tasks") or {}, f"{where}: tasks"),
@@ -87,7 +97,83 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return d or {}
 
 
-def load_run_config(path: str | Path | None) -> RunConfig:
+def load_run_config(path: str | Path | None, kind: Literal["reward", "policy"] = "reward") -> RunConfig:
+    """The train / tasks / model sections of a config file (a `job` section is checked, then set aside)."""
     if path is None:
         return RunConfig()
-    return run_config_from_dict(read_config_file(path), str(path))
+    _, rest = split_job(read_config_file(path), kind, str(path))
+    return run_config_from_dict(rest, str(path))
+
+
+# -- the CLI's `job` section ------------------------------------------------------------------
+
+JOB_COMMON = ("pairs", "model", "out", "embed_cache")
+JOB_ONLY: dict[str, tuple[str, ...]] = {
+    "reward": ("embedder",),
+    "policy": ("base", "base_dtype", "init_encoder", "include_base"),
+}
+
+
+@dataclass
+class JobConfig:
+    """What a CLI run trains on and where it writes: each field is also a flag (--pairs, --init-encoder,
+    ...), and a flag given on the command line wins over the file. Relative paths are relative to the
+    working directory, as on the command line.
+    """
+
+    pairs: str | None = None  # JSONL pairs file (core.data.pairs)
+    model: str | None = None  # reward: np-btl | np-btl-latent | btl | dpl; policy: np-dpo | dpo
+    out: str | None = None  # bundle folder to write (the checkpoint goes to OUT.ckpt/)
+    embed_cache: str | None = None  # safetensors file caching option embeddings
+    # reward runs on text pairs: "minilm" (384-d sentence embeddings) or "lm:SPEC" (the last-token
+    # hidden state of a causal LM given as a core.basemodels spec: a hub id or a local folder)
+    embedder: str | None = None
+    # policy runs
+    base: str | None = None  # base LM: smollm2-135m-instruct, a local folder or a hub id
+    base_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # frozen base weights; auto: bf16 when training in bf16
+    init_encoder: str | None = None  # NP-BTL reward bundle whose context encoder starts the policy's
+    include_base: bool = False  # store the base weights in the bundle (small models)
+
+    def __post_init__(self) -> None:
+        if self.base_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"job.base_dtype must be auto, float32 or bfloat16, got {self.base_dtype!r}")
+        for name in ("pairs", "model", "out", "embed_cache", "embedder", "base", "init_encoder"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"job.{name} must be a string, got {v!r}")
+        if not isinstance(self.include_base, bool):
+            raise ValueError(f"job.include_base must be true or false, got {self.include_base!r}")
+
+    def merged(self, **flags: Any) -> "JobConfig":
+        """A copy with every flag that is not None put over the file's value."""
+        return dataclasses.replace(self, **{k: v for k, v in flags.items() if v is not None})
+
+    def require(self, *names: str) -> None:
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError("missing " + ", ".join(f"--{n.replace('_', '-')} (or job.{n} in --config)"
+                                                     for n in missing))
+
+
+def split_job(d: dict[str, Any], kind: Literal["reward", "policy"], where: str = "config"
+              ) -> tuple[JobConfig, dict[str, Any]]:
+    """(JobConfig, the other sections) of a config mapping; job keys that belong to the other kind
+    of run, or to neither, are named in the error."""
+    d = dict(d)
+    job = d.pop("job", None) or {}
+    if not isinstance(job, dict):
+        raise ValueError(f"{where}: job must be a mapping of keys to values, got {type(job).__name__}")
+    allowed = set(JOB_COMMON) | set(JOB_ONLY[kind])
+    other = "policy" if kind == "reward" else "reward"
+    wrong = sorted(set(job) & set(JOB_ONLY[other]))
+    if wrong:
+        raise ValueError(f"{where}: job: key(s) {wrong} are for {other} runs, this is a {kind} run"
+                         + ("; a policy's context embedder is model.embedder (minilm | base)" if "embedder" in wrong
+                            else ""))
+    unknown = sorted(set(job) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: job: unknown key(s) {unknown}; known: {sorted(allowed)}")
+    try:
+        return JobConfig(**job), d
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None

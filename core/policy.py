@@ -57,6 +57,11 @@ class PolicyConfig:
     gradient_checkpointing: bool = False
     freeze_encoder: bool = False  # e.g. after a warm start from an NP-BTL bundle
     sft_weight: float = 0.0  # > 0 adds λ·(per-token NLL of the chosen response | z) to the DPO loss
+    # Length-normalised implicit reward: β·L̄·(mean per-token log-ratio) instead of β·(sum). The sum
+    # lets a policy win on every pair with a longer rejected answer by lowering all log-probs a
+    # little, a bias toward short answers that a user's z then has to fight; L̄ keeps β's scale.
+    length_normalize: bool = False
+    length_scale: float = 64.0  # L̄, in response tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
@@ -220,6 +225,27 @@ class BatchStreamer:
             yield item
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Switch off every dropout of a frozen base, in train mode too.
+
+    DPO compares log π with log π_ref of the same weights: with dropout on, both are random
+    draws (and the cached reference is one frozen draw), which adds noise to every log-ratio.
+    Covers nn.Dropout modules (GPT-2's attn/resid/embd), the float `attention_dropout` that
+    Llama-style attention passes to SDPA, and the config fields that rebuild them.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        for key, value in list(cfg.to_dict().items()):
+            if isinstance(value, float) and (key.endswith("dropout") or key.endswith("pdrop")):
+                setattr(cfg, key, 0.0)
+
+
 class SteerablePolicy(nn.Module):
     def __init__(self, cfg: PolicyConfig, lm: nn.Module, tokenizer) -> None:
         super().__init__()
@@ -232,6 +258,7 @@ class SteerablePolicy(nn.Module):
         model_type = lm.config.model_type
         for p in lm.parameters():
             p.requires_grad_(False)
+        disable_dropout(lm)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
                           target_modules=cfg.lora_targets or DEFAULT_LORA_TARGETS.get(model_type, ["q_proj", "v_proj"]),
                           fan_in_fan_out=model_type == "gpt2", task_type="CAUSAL_LM")
@@ -405,6 +432,9 @@ class SteerablePolicy(nn.Module):
             if self.film is not None and not (self.training and self.cfg.gradient_checkpointing):
                 self.film.set_factors(None)
         d = lp - ref  # (2R,)
+        if self.cfg.length_normalize:
+            n_tok = inp.seqs.response_mask.sum(1).clamp_min(1).to(d.dtype)  # (2R,)
+            d = d / n_tok * self.cfg.length_scale  # (2R,)
         d_a, d_b = d.chunk(2)  # 2 x (R,)
         logit = self.cfg.beta * (d_b - d_a)
         return (logit, lp) if return_logprobs else logit

@@ -213,6 +213,40 @@ def test_dpo_logit_is_zero_at_init_and_cached_reference_matches(tok):
     assert not torch.isnan(data.ref[batch.target_idx[batch.target_mask]]).any()
 
 
+def test_train_mode_log_probs_are_deterministic_and_dpo_logit_starts_at_zero(tok):
+    """GPT-2 configs carry dropout 0.1: in train mode it would make log π and the cached
+    reference two different random draws. The policy switches the frozen base's dropout off."""
+    base = tiny_model("gpt2", tok, seed=0)
+    assert base.config.resid_pdrop > 0 and base.config.attn_pdrop > 0  # the default this guards against
+    policy = make_policy("gpt2", tok)
+    pairs = toy_pairs()
+    policy.train()
+    data, batch = _step_inputs(policy, pairs)
+    inp = data.inputs(policy, batch, batch.target_mask)
+    with torch.no_grad():
+        first, second = policy.dpo_logits(inp), policy.dpo_logits(inp)
+    assert torch.equal(first, second) and torch.equal(first, torch.zeros_like(first))
+    assert policy.lm.get_base_model().config.resid_pdrop == 0.0
+
+
+def test_length_normalised_logit_is_the_mean_token_log_ratio_times_the_scale(tok):
+    pairs = toy_pairs()
+    plain = make_policy("llama", tok)
+    _perturb(plain)
+    normed = make_policy("llama", tok)
+    normed.load_adapter_state(plain.adapter_state())
+    normed.cfg.length_normalize, normed.cfg.length_scale = True, 10.0
+    data, batch = _step_inputs(plain, pairs)
+    inp = data.inputs(plain, batch, batch.target_mask)
+    with torch.no_grad():
+        lp_logit, lp = plain.dpo_logits(inp, return_logprobs=True)
+        n_logit = normed.dpo_logits(inp)
+    d = (lp - inp.ref) / inp.seqs.response_mask.sum(1).float() * 10.0  # (2R,)
+    d_a, d_b = d.chunk(2)
+    torch.testing.assert_close(n_logit, plain.cfg.beta * (d_b - d_a))
+    assert not torch.allclose(n_logit, lp_logit)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_greedy_generation_equals_uncached(family, tok):
     policy = make_policy(family, tok)

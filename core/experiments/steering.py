@@ -112,7 +112,9 @@ def one_axis_opposites(anchors: dict[str, list[float]], axis: int) -> list[tuple
 
 def accuracy_suite(pairs: PairSet, score, cfg: SteeringConfig, n_tasks: int, batch_size: int,
                    contexts: tuple[int, ...], anchors: dict[str, list[float]],
-                   continuous: bool = True) -> dict[str, Any]:
+                   continuous: bool = True, all_conflicts: bool = True) -> dict[str, Any]:
+    """Accuracy per archetype (and continuous users) by N_C, and conflict sums: for every two
+    archetypes, or (all_conflicts=False, for the slower policies) only the opposite ones."""
     kw = dict(split=cfg.split, contexts=contexts, n_tasks=n_tasks, n_targets=cfg.n_targets, seed=cfg.seed,
               batch_size=batch_size, context_mode="disjoint")
     out = evaluate_cells(pairs, score, user_types=list(anchors), **kw)
@@ -120,8 +122,9 @@ def accuracy_suite(pairs: PairSet, score, cfg: SteeringConfig, n_tasks: int, bat
         cont = evaluate_cells(pairs, score, continuous={"weight_prior": "sphere", "choice_temperature": 0.1}, **kw)
         out["accuracy"]["continuous"] = cont["accuracy"]["continuous"]
     names = list(anchors)
-    out["conflict_sum"] = conflict_sums(pairs, score, type_pairs=[(a, b) for i, a in enumerate(names)
-                                                                    for b in names[i + 1:]], **kw)
+    type_pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+                  if all_conflicts or b == opposite(a, anchors)]
+    out["conflict_sum"] = conflict_sums(pairs, score, type_pairs=type_pairs, **kw)
     return out
 
 
@@ -398,12 +401,13 @@ def run(bundle_dir: Path, json_out: Path, cfg: SteeringConfig, pairs_path: Path 
     if "policy" in parts:
         t = time.time()
         res["policy"] = accuracy_suite(pairs, policy_score_fn(bundle.policy, pairs, emb), cfg, cfg.policy_tasks,
-                                       cfg.policy_batch, cfg.contexts, anchors)
+                                       cfg.policy_batch, cfg.contexts, anchors, all_conflicts=False)
         log(f"(ii) NP-DPO implicit accuracy: {time.time() - t:.0f} s")
     if "dpo" in parts:
         t = time.time()
         res["dpo"] = accuracy_suite(pairs, policy_score_fn(bundle.dpo, pairs, None), cfg, cfg.policy_tasks,
-                                    cfg.policy_batch, (0,), anchors, continuous=False)
+                                    cfg.policy_batch, (0,), anchors, continuous=False,
+                                    all_conflicts=False)
         log(f"(ii) DPO baseline implicit accuracy: {time.time() - t:.0f} s")
     if "generation" in parts:
         t = time.time()

@@ -57,11 +57,14 @@ class RecipeConfig:
     lm_examples: int = 6000
     lm_d_model: int = 128
     lm_layers: int = 4
+    lm_lr: float = 3e-3
+    lm_dropout: float = 0.0  # under one epoch of data, dropout only slows the from-scratch LM down
     policy_steps: int = 200
     policy_batch: int = 4
     policy_targets: int = 4  # scored pairs per task; the context (up to 10 clicks) comes from other pairs
     policy_lr: float = 3e-3
     sft_weight: float = 1.0
+    length_normalize: bool = True  # policy.PolicyConfig.length_normalize: no free win for shorter answers
     map_users: int = 600
     pool_size: int = 400
 
@@ -71,7 +74,7 @@ class RecipeConfig:
             return cls(base="tiny", seed=seed)
         if base == "smol":
             return cls(base="smol", seed=seed, pairs_per_request=12, reward_steps=600, policy_steps=300, policy_batch=2,
-                       policy_targets=4, policy_lr=2e-4)
+                       policy_targets=4, policy_lr=5e-4)
         raise ValueError(f"--base must be tiny or smol, got {base!r}")
 
 
@@ -137,9 +140,9 @@ def stage_base(cfg: RecipeConfig, work: Path):
         ex = P.corpus(pc, cfg.lm_examples, "train")
         tok = train_tokenizer([p for p, _, _ in ex] + [r for _, _, r in ex], vocab_size=2048)
         model = tiny_model("gpt2", tok, seed=cfg.seed, d_model=cfg.lm_d_model, n_layers=cfg.lm_layers, n_heads=4,
-                           max_positions=320)
+                           max_positions=320, dropout=cfg.lm_dropout)
         t = time.time()
-        hist = train_lm(model, tok, [(p, r) for p, _, r in ex], steps=cfg.lm_steps, batch_size=cfg.lm_batch, lr=3e-3,
+        hist = train_lm(model, tok, [(p, r) for p, _, r in ex], steps=cfg.lm_steps, batch_size=cfg.lm_batch, lr=cfg.lm_lr,
                         seed=cfg.seed, quiet=False, log_every=100)
         log(f"tiny LM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
             f"loss {hist[-1]['loss']:.3f}, {time.time() - t:.0f} s")
@@ -167,6 +170,7 @@ def stage_policy(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_dir:
         "tasks": _tasks(cfg, cfg.policy_targets, 10, "disjoint"),
         "model": {"d_in": 384, "d_z": cfg.d_z, "encoder": asdict(reward.cfg.encoder), "freeze_encoder": True,
                   "lora_r": 8, "lora_alpha": 16, "beta": 0.1, "sft_weight": cfg.sft_weight,
+                  "length_normalize": cfg.length_normalize,
                   "max_prompt_tokens": 128, "max_response_tokens": 192}})
     base = stage_base(cfg, work)
     t = time.time()

@@ -258,6 +258,24 @@ def _embed_once(acc, pairs: PairSet, make: Callable[[], Any], cache_path: str | 
 
 # -- reward models --------------------------------------------------------------------------
 
+def _fit_input_stats(encoder, pairs: PairSet, emb_a: torch.Tensor, emb_b: torch.Tensor,
+                     device: torch.device | str) -> None:
+    """Standardise the encoder's inputs with the train split's option statistics (input_norm)."""
+    tr = torch.as_tensor(pairs.indices("train"), device=emb_a.device)
+    opts = torch.cat([emb_a[tr], emb_b[tr]]).float()  # (2 n_train, d)
+    encoder.set_input_stats(opts.mean(0).to(device), opts.std(0).to(device))
+
+
+def _task_samplers(pairs: PairSet, run: RunConfig, val_batch: int) -> tuple[TaskSampler, list[TaskBatch]]:
+    """The training task stream and the fixed validation batches used for checkpoint selection."""
+    tc = run.train
+    if len(pairs.indices("val")) < run.tasks.n_targets:
+        raise ValueError(f"{pairs.source}: {len(pairs.indices('val'))} 'val' pairs; checkpoint selection needs "
+                         f"at least n_targets={run.tasks.n_targets}")
+    val_batches = TaskSampler(pairs, run.tasks, split="val", seed=tc.seed + 1).fixed_batches(tc.val_tasks, val_batch)
+    return TaskSampler(pairs, run.tasks, split="train", seed=tc.seed), val_batches
+
+
 def train_reward(pairs: PairSet, model_name: str, out: str | Path, run: RunConfig,
                  emb: tuple[torch.Tensor, torch.Tensor] | None = None, quiet: bool = False,
                  resume: bool = True, data_meta: dict[str, Any] | None = None, embedder: str | None = None,
@@ -299,17 +317,10 @@ def train_reward(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
     mcfg = config_from_dict({"model": model_name, "d_in": int(emb_a.shape[1]), **run.model})
     model = PreferenceModel(mcfg)
     if mcfg.input_norm:
-        tr = torch.as_tensor(pairs.indices("train"), device=emb_a.device)
-        opts = torch.cat([emb_a[tr], emb_b[tr]])  # (2 n_train, d)
-        model.encoder.set_input_stats(opts.mean(0), opts.std(0))
+        _fit_input_stats(model.encoder, pairs, emb_a, emb_b, emb_a.device)
     model.to(acc.device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-
-    train_sampler = TaskSampler(pairs, run.tasks, split="train", seed=tc.seed)
-    if len(pairs.indices("val")) < run.tasks.n_targets:
-        raise ValueError(f"{pairs.source}: {len(pairs.indices('val'))} 'val' pairs; checkpoint selection needs "
-                         f"at least n_targets={run.tasks.n_targets}")
-    val_batches = TaskSampler(pairs, run.tasks, split="val", seed=tc.seed + 1).fixed_batches(tc.val_tasks, 256)
+    train_sampler, val_batches = _task_samplers(pairs, run, 256)
 
     out = Path(out)
     ckpt = out.parent / f"{out.name}.ckpt"
@@ -626,17 +637,10 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
     if emb is not None and emb[0].shape[1] != cfg.d_in:
         raise ValueError(f"context embeddings are {emb[0].shape[1]}-d, the policy expects d_in={cfg.d_in}")
     if policy.encoder is not None and policy.encoder.cfg.input_norm and init_encoder is None:
-        tr = torch.as_tensor(pairs.indices("train"))
-        opts = torch.cat([emb[0][tr], emb[1][tr]]).float()  # (2 n_train, d)
-        policy.encoder.set_input_stats(opts.mean(0).to(acc.device), opts.std(0).to(acc.device))
+        _fit_input_stats(policy.encoder, pairs, emb[0], emb[1], acc.device)
     data = PolicyData(policy, pairs, None if emb is None else (emb[0].float(), emb[1].float()))
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-
-    train_sampler = TaskSampler(pairs, run.tasks, split="train", seed=tc.seed)
-    if len(pairs.indices("val")) < run.tasks.n_targets:
-        raise ValueError(f"{pairs.source}: {len(pairs.indices('val'))} 'val' pairs; checkpoint selection needs "
-                         f"at least n_targets={run.tasks.n_targets}")
-    val_batches = TaskSampler(pairs, run.tasks, split="val", seed=tc.seed + 1).fixed_batches(tc.val_tasks, 8)
+    train_sampler, val_batches = _task_samplers(pairs, run, 8)
 
     out = Path(out)
     ckpt = out.parent / f"{out.name}.ckpt"

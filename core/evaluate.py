@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="what", required=True)
     r = sub.add_parser("reward", help="evaluate a reward bundle on a pairs file")
     _common_args(r, tasks=500, targets=20)
+    r.add_argument("--embedder", help="text options: minilm or lm:SPEC (default: the one the bundle records)")
+    r.add_argument("--embed-cache", type=Path, help="safetensors file caching option embeddings")
     p = sub.add_parser("policy", help="implicit-reward accuracy of a policy bundle on a pairs file")
     _common_args(p, tasks=100, targets=8)
     p.add_argument("--embed-cache", type=Path, help="safetensors file caching context embeddings")
@@ -221,17 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.what == "policy":
         return _main_policy(args, contexts)
+    from core.embed import EmbedderError
+
     try:
         model, meta = load_reward_bundle(args.bundle)
         pairs = load_pairs(args.pairs)
-        from core.train import option_embeddings
-
-        emb = option_embeddings(pairs)
+        emb = reward_option_embeddings(pairs, meta, args.embedder, args.embed_cache)
         if emb[0].shape[1] != model.cfg.d_in:
             raise ValueError(f"{args.pairs}: options have width {emb[0].shape[1]}, the bundle expects {model.cfg.d_in}")
         res = evaluate_reward(model, pairs, emb, args.split, contexts, args.tasks, args.targets, args.seed,
                               context_mode=args.context_mode)
-    except (PairsFormatError, BundleError, ValueError, KeyError) as e:
+    except (PairsFormatError, BundleError, EmbedderError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     res["bundle"] = str(args.bundle)
@@ -242,6 +244,28 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def reward_option_embeddings(pairs: PairSet, meta: dict[str, Any], embedder: str | None = None,
+                             cache_path: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Option features for scoring a reward bundle: numeric options as they are; text options
+    embedded with `embedder`, else the embedder the bundle records (bundle.json embedder.spec)."""
+    from core.train import make_embedder, option_embeddings
+
+    if pairs.is_numeric:
+        return option_embeddings(pairs)
+    from core.embed import EmbeddingCache, embed_pairs
+
+    spec = embedder or (meta.get("embedder") or {}).get("spec")
+    if not spec:
+        raise ValueError(f"{pairs.source}: text options, and the bundle does not record how its options were "
+                         "embedded (trained from precomputed embeddings); pass --embedder minilm or lm:SPEC")
+    if spec == "base":
+        raise ValueError("--embedder base is for policies (their own LM); a reward bundle takes minilm or lm:SPEC")
+    cache = EmbeddingCache(make_embedder(spec), cache_path)
+    emb = embed_pairs(pairs, cache)
+    cache.save()
+    return emb[0].float(), emb[1].float()
 
 
 def bundle_embedder(policy, meta: dict[str, Any]):

@@ -202,3 +202,24 @@ def test_resume_refuses_a_checkpoint_from_other_data(pairs, tmp_path, monkeypatc
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "x.ckpt").stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
+
+
+def test_evaluate_cli_scores_a_text_reward_bundle(tmp_path, capsys):
+    """Text options are embedded for the reward CLI: with --embedder when the bundle does not record
+    its embedder (the shipped persona reward was trained from precomputed MiniLM vectors), and an
+    error that says so without it. The shipped model must beat chance clearly at N_C = 10."""
+    from core.evaluate import main as evaluate_main
+
+    bundle, pairs = ROOT / "assets/models/persona-tiny/reward", ROOT / "assets/data/persona-small.jsonl"
+    out = tmp_path / "e.json"
+    common = ["reward", "--bundle", str(bundle), "--pairs", str(pairs), "--split", "test", "--contexts", "0,10",
+              "--tasks", "40", "--targets", "11", "--context-mode", "subset", "--json", str(out)]
+    assert evaluate_main(common) == 2
+    assert "does not record how its options were embedded" in capsys.readouterr().err and not out.exists()
+    assert evaluate_main(common + ["--embedder", "base"]) == 2
+    assert "for policies" in capsys.readouterr().err
+    cache = tmp_path / "minilm.safetensors"
+    assert evaluate_main(common + ["--embedder", "minilm", "--embed-cache", str(cache)]) == 0
+    res = json.loads(out.read_text())
+    assert cache.is_file() and set(res["overall"]) == {"0", "10"}
+    assert res["overall"]["10"]["mean"] > res["overall"]["0"]["mean"] + 0.15

@@ -77,6 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.film import find_decoder_layers, unwrap  # noqa: E402
 from core.policy import DPOInputs, PolicyConfig, Sequences, SteerablePolicy  # noqa: E402
 from core.tinylm import train_tokenizer  # noqa: E402
+from benchmarks.timing import timed  # noqa: E402
 
 # Peak dense (no 2:4 sparsity) bf16 tensor-core TFLOP/s per GPU, from NVIDIA datasheets, at boost
 # clock. First match on torch.cuda.get_device_name() wins, so specific names come first.
@@ -223,11 +224,6 @@ def environment(device: str, cfg: BenchConfig) -> dict[str, Any]:
     return env
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _rss_mb(name: str) -> float:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -353,20 +349,6 @@ def _autocast(device: str, precision: str):
 
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-def timed(fn: Callable[[], Any], warmup: int, repeats: int, device: str) -> list[float]:
-    """Seconds of each of `repeats` calls of fn after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t)
-    return ts
 
 
 def make_inputs(cfg: BenchConfig, vocab: int) -> DPOInputs:

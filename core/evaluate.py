@@ -277,9 +277,12 @@ def bundle_embedder(policy, meta: dict[str, Any]):
         return None
     from core.train import make_embedder
 
+    from core.embed import text_embedder_spec
+
     name = emb.get("name") or ""
-    if name == "all-minilm-l6-v2":
-        e = make_embedder("minilm")
+    spec = text_embedder_spec(name) or (emb.get("spec") if name == "given" else None)
+    if spec is not None and spec != "base":
+        e = make_embedder(spec)
     elif name.startswith("base:"):
         e = make_embedder("base", policy)
     else:

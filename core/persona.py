@@ -31,8 +31,10 @@ from core.bundle import BundleError, load_bundle_tensors, load_reward_bundle, re
 class BehaviourMap:
     """Affine map from the latent z to behaviour axes, fitted by least squares on simulated users.
 
-    point = weight @ z + bias (axes roughly in [-1, 1]); `to_z` is the regression the other way
-    (the typical z of a user at that point), used for manual steering.
+    point = weight @ z + bias, projected onto the box `bounds` when it is set (the behaviour
+    space: user weights lie in [-1, 1] on every axis, so a point outside is never a better
+    guess than the nearest point inside); `to_z` is the regression the other way (the typical
+    z of a user at that point), used for manual steering.
     """
 
     axes: list[str]
@@ -43,6 +45,7 @@ class BehaviourMap:
     axis_labels: dict[str, list[str]] = field(default_factory=dict)
     anchors: dict[str, list[float]] = field(default_factory=dict)
     fit: dict[str, Any] = field(default_factory=dict)
+    bounds: list[float] | None = None  # [lo, hi] of every axis; None: unbounded
 
     def __post_init__(self) -> None:
         self.weight = np.asarray(self.weight, dtype=np.float64)
@@ -59,6 +62,15 @@ class BehaviourMap:
                 raise ValueError(f"map {name} must have shape {shape}, got {arr.shape}")
             if not np.isfinite(arr).all():
                 raise ValueError(f"map {name} has non-finite values")
+        if self.bounds is not None:
+            try:
+                lo, hi = (float(v) for v in self.bounds)
+                ok = bool(np.isfinite([lo, hi]).all() and lo < hi)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"map bounds must be two finite numbers lo < hi, got {self.bounds!r}")
+            self.bounds = [lo, hi]
         for k, v in self.anchors.items():
             if len(v) != A:
                 raise ValueError(f"map anchor {k!r} has {len(v)} coordinates, expected {A}")
@@ -70,7 +82,8 @@ class BehaviourMap:
     def __call__(self, z: np.ndarray | torch.Tensor) -> np.ndarray:
         """z (..., d_z) -> points (..., A)."""
         z = z.detach().cpu().double().numpy() if isinstance(z, torch.Tensor) else np.asarray(z, dtype=np.float64)
-        return z @ self.weight.T + self.bias  # (..., A)
+        p = z @ self.weight.T + self.bias  # (..., A)
+        return p if self.bounds is None else np.clip(p, *self.bounds)
 
     def cov(self, std: np.ndarray | torch.Tensor) -> np.ndarray:
         """The map-space covariance W diag(std²) Wᵀ of a diagonal Gaussian: std (..., d_z) -> (..., A, A)."""
@@ -87,7 +100,7 @@ class BehaviourMap:
     def to_dict(self) -> dict[str, Any]:
         return {"axes": list(self.axes), "axis_labels": self.axis_labels, "weight": self.weight.tolist(),
                 "bias": self.bias.tolist(), "inv_weight": self.inv_weight.tolist(), "inv_bias": self.inv_bias.tolist(),
-                "anchors": self.anchors, "fit": self.fit}
+                "anchors": self.anchors, "fit": self.fit, "bounds": self.bounds}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BehaviourMap":
@@ -96,7 +109,8 @@ class BehaviourMap:
             raise ValueError(f"map is missing {', '.join(missing)}")
         return cls(axes=list(d["axes"]), weight=d["weight"], bias=d["bias"], inv_weight=d["inv_weight"],
                    inv_bias=d["inv_bias"], axis_labels=dict(d.get("axis_labels", {})),
-                   anchors={k: list(v) for k, v in d.get("anchors", {}).items()}, fit=dict(d.get("fit", {})))
+                   anchors={k: list(v) for k, v in d.get("anchors", {}).items()}, fit=dict(d.get("fit", {})),
+                   bounds=d.get("bounds"))
 
 
 def fit_map(z: np.ndarray, w: np.ndarray, axes: Sequence[str], method: str = "calibration",
@@ -126,7 +140,9 @@ def fit_map(z: np.ndarray, w: np.ndarray, axes: Sequence[str], method: str = "ca
         weight, bias = fwd[:-1].T, fwd[-1]
     else:
         raise ValueError(f"method must be 'calibration' or 'regression', got {method!r}")
-    resid = w - (z @ weight.T + bias)
+    bounds = extra.get("bounds")
+    pred = z @ weight.T + bias  # (N, A)
+    resid = w - (pred if bounds is None else np.clip(pred, *bounds))
     fit = {"users": int(len(z)), "method": method, "rmse": float(np.sqrt((resid ** 2).mean())),
            "r2": [float(1 - resid[:, i].var() / max(w[:, i].var(), 1e-12)) for i in range(w.shape[1])],
            "bias": [float(v) for v in resid.mean(0) * -1]}

@@ -42,7 +42,7 @@ class PolicyConfig:
     base: str = "smollm2-135m-instruct"  # base model spec (core.basemodels), or "bundled"
     conditioned: bool = True  # NP-DPO (encoder + FiLM); False = the DPO baseline
     d_in: int = 384  # width of the context option embeddings (set from the embedder)
-    embedder: str = "minilm"  # minilm | base (the LM itself, adapters and FiLM off)
+    embedder: str = "minilm"  # minilm | minilm+style | style (core.embed) | base (the LM itself, adapters and FiLM off)
     d_z: int = 32
     encoder: EncoderConfig | None = None  # None: built from d_in and d_z
     film_layers: list[int] | None = None  # None = every block
@@ -71,8 +71,8 @@ class PolicyConfig:
         if self.conditioned and (self.encoder.d_in != self.d_in or self.encoder.d_z != self.d_z):
             raise ValueError(f"encoder (d_in {self.encoder.d_in}, d_z {self.encoder.d_z}) does not match the "
                              f"policy (d_in {self.d_in}, d_z {self.d_z})")
-        if self.embedder not in ("minilm", "base"):
-            raise ValueError(f"embedder must be 'minilm' or 'base', got {self.embedder!r}")
+        if self.embedder not in ("minilm", "minilm+style", "style", "base"):
+            raise ValueError(f"embedder must be minilm, minilm+style, style or base, got {self.embedder!r}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
 

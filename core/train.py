@@ -43,6 +43,7 @@ from core.bundle import (BundleError, load_bundle_tensors, load_state_strict, re
 from core.config import JobConfig, RunConfig, read_config_file, run_config_from_dict, split_job
 from core.data.pairs import PairSet, PairsFormatError, load_pairs
 from core.data.tasks import TaskBatch, TaskSampler
+from core.embed import TEXT_EMBEDDERS, text_embedder_dim
 from core.reward import MODELS, PreferenceModel, config_from_dict, gather_features
 
 
@@ -221,11 +222,12 @@ def _write_checkpoint(acc, ckpt: Path, fingerprint: str, step: int, best_val: fl
 # -- embeddings -----------------------------------------------------------------------------
 
 def make_embedder(name: str, policy=None, device: str | torch.device = "cpu"):
-    """A text embedder by name: minilm, base (a policy's own base LM, adapters off), or lm:SPEC."""
-    from core.embed import LMEmbedder, MiniLMEmbedder
+    """A text embedder by name: minilm, style, minilm+style (core.embed.make_text_embedder),
+    base (a policy's own base LM, adapters off), or lm:SPEC."""
+    from core.embed import LMEmbedder, make_text_embedder
 
-    if name == "minilm":
-        return MiniLMEmbedder(device=device)
+    if name in TEXT_EMBEDDERS:
+        return make_text_embedder(name, device=device)
     if name == "base":
         if policy is None:
             raise ValueError("embedder 'base' embeds with the policy's base LM: pass the policy")
@@ -236,7 +238,7 @@ def make_embedder(name: str, policy=None, device: str | torch.device = "cpu"):
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         lm, tok, _ = load_base(name[3:], dtype=dtype, device=device)
         return LMEmbedder(lm, tok, name)
-    raise ValueError(f"unknown embedder {name!r}; expected minilm, base (policies) or lm:SPEC")
+    raise ValueError(f"unknown embedder {name!r}; expected {', '.join(TEXT_EMBEDDERS)}, base (policies) or lm:SPEC")
 
 
 def _embed_once(acc, pairs: PairSet, make: Callable[[], Any], cache_path: str | Path | None
@@ -480,8 +482,8 @@ def policy_config(model: dict[str, Any], model_name: str, base: str, hidden: Cal
                                  f"{key}={renc[key]}; drop model.{key} or make them match")
         pdict.update(encoder=dict(renc), d_in=renc["d_in"], d_z=renc["d_z"])
     if pdict["conditioned"] and "d_in" not in pdict:
-        if pdict.get("embedder", "minilm") == "minilm":
-            pdict["d_in"] = 384
+        if pdict.get("embedder", "minilm") in TEXT_EMBEDDERS:
+            pdict["d_in"] = text_embedder_dim(pdict.get("embedder", "minilm"))
         elif hidden is None:
             raise ValueError("model.embedder 'base' needs the base's hidden size (or model.d_in)")
         else:

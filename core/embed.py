@@ -7,7 +7,7 @@ Embedders:
 - `StyleFeatures`: 12 surface statistics of the response (length, sentence shape,
   punctuation, contractions, emoji, word length, ...). A unit-norm mean-pooled sentence
   embedding is built to discard exactly these: on the persona world a linear probe reads
-  only 74 % of the verbosity variance and 70 % of the tone variance from MiniLM, and 98 % / 80 %
+  only 75 % of the verbosity variance and 71 % of the tone variance from MiniLM, and 98 % / 80 %
   once these features are appended. `ConcatEmbedder` joins embedders side by side; the spec
   "minilm+style" (`make_text_embedder`) is MiniLM followed by the style features (396-d).
 - `LMEmbedder`: a causal LM's own last hidden state at the last real token (the index is

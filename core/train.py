@@ -327,6 +327,7 @@ def train_reward(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
     emb_a, emb_b = emb if emb is not None else option_embeddings(pairs)
     emb_a, emb_b = emb_a.float().to(acc.device), emb_b.float().to(acc.device)
     mcfg = config_from_dict({"model": model_name, "d_in": int(emb_a.shape[1]), **run.model})
+    torch.manual_seed(tc.seed)  # loading an embedder draws from the RNG: the init must not depend on it
     model = PreferenceModel(mcfg)
     if mcfg.input_norm:
         _fit_input_stats(model.encoder, pairs, emb_a, emb_b, emb_a.device)

@@ -206,7 +206,7 @@ def test_resume_refuses_a_checkpoint_from_other_data(pairs, tmp_path, monkeypatc
 
 def test_evaluate_cli_scores_a_text_reward_bundle(tmp_path, capsys):
     """Text options are embedded for the reward CLI: with --embedder when the bundle does not record
-    its embedder (the shipped persona reward was trained from precomputed MiniLM vectors), and an
+    its embedder (the shipped persona reward was trained from precomputed MiniLM + style vectors), and an
     error that says so without it. The shipped model must beat chance clearly at N_C = 10."""
     from core.evaluate import main as evaluate_main
 
@@ -219,7 +219,12 @@ def test_evaluate_cli_scores_a_text_reward_bundle(tmp_path, capsys):
     assert evaluate_main(common + ["--embedder", "base"]) == 2
     assert "for policies" in capsys.readouterr().err
     cache = tmp_path / "minilm.safetensors"
-    assert evaluate_main(common + ["--embedder", "minilm", "--embed-cache", str(cache)]) == 0
+    assert evaluate_main(common + ["--embedder", "minilm", "--embed-cache", str(cache)]) == 2  # 384-d, it reads 396
+    assert "396" in capsys.readouterr().err and not out.exists()
+    assert evaluate_main(common + ["--embedder", "minilm+style", "--embed-cache", str(cache)]) == 2
+    assert "cache is for 'all-minilm-l6-v2'" in capsys.readouterr().err  # a cache of the other embedder is refused
+    cache = tmp_path / "minilm-style.safetensors"
+    assert evaluate_main(common + ["--embedder", "minilm+style", "--embed-cache", str(cache)]) == 0
     res = json.loads(out.read_text())
     assert cache.is_file() and set(res["overall"]) == {"0", "10"}
     assert res["overall"]["10"]["mean"] > res["overall"]["0"]["mean"] + 0.15

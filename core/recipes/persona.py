@@ -127,7 +127,9 @@ def stage_reward(cfg: RecipeConfig, pairs: PairSet, emb, work: Path) -> Path:
             "model": {"d_hidden": 128, "kl_beta": cfg.kl_beta, "decoder": "bilinear", "input_norm": True,
                       "encoder": {"d_z": cfg.d_z}}})
         t = time.time()
-        train_reward(pairs, "np-btl-latent", out, run, emb=emb, quiet=True, data_meta={"source": "persona"})
+        # embedded through the stage's cache (no recomputation), so the bundle records its embedder
+        train_reward(pairs, "np-btl-latent", out, run, embedder=cfg.embedder, embed_cache=work / "embeddings.safetensors",
+                     quiet=True, data_meta={"source": "persona"})
         log(f"reward: trained in {time.time() - t:.0f} s")
     return out
 

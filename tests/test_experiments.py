@@ -90,7 +90,8 @@ def test_steering_cli_quick_on_the_shipped_tiny_bundle(tmp_path):
     figs = figures_in(out.with_suffix(".html").read_text())
     assert len(figs) >= 3
     again = tmp_path / "again.json"
-    r = subprocess.run(cmd[:-6] + [str(again), "--quick", "--decoding", "sample", "--temperature", "0.7"],
+    r = subprocess.run(cmd[:-6] + [str(again), "--quick", "--parts", "generation", "--decoding", "sample",
+                                   "--temperature", "0.7"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert json.loads(again.read_text())["generation"]["examples"] == res["generation"]["examples"]  # seeded

@@ -205,26 +205,40 @@ def test_resume_refuses_a_checkpoint_from_other_data(pairs, tmp_path, monkeypatc
 
 
 def test_evaluate_cli_scores_a_text_reward_bundle(tmp_path, capsys):
-    """Text options are embedded for the reward CLI: with --embedder when the bundle does not record
-    its embedder (the shipped persona reward was trained from precomputed MiniLM + style vectors), and an
-    error that says so without it. The shipped model must beat chance clearly at N_C = 10."""
+    """Text options are embedded for the reward CLI with the embedder the bundle records (the
+    shipped persona reward: MiniLM + style features), or with --embedder for a bundle that does
+    not record one, and an error that says so without it. A cache of another embedder, or an
+    embedder of the wrong width, is refused. The shipped model must beat chance clearly at N_C = 10."""
+    import shutil
+
     from core.evaluate import main as evaluate_main
 
-    bundle, pairs = ROOT / "assets/models/persona-tiny/reward", ROOT / "assets/data/persona-small.jsonl"
+    shipped, pairs = ROOT / "assets/models/persona-tiny/reward", ROOT / "assets/data/persona-small.jsonl"
     out = tmp_path / "e.json"
-    common = ["reward", "--bundle", str(bundle), "--pairs", str(pairs), "--split", "test", "--contexts", "0,10",
-              "--tasks", "40", "--targets", "11", "--context-mode", "subset", "--json", str(out)]
-    assert evaluate_main(common) == 2
-    assert "does not record how its options were embedded" in capsys.readouterr().err and not out.exists()
-    assert evaluate_main(common + ["--embedder", "base"]) == 2
-    assert "for policies" in capsys.readouterr().err
-    cache = tmp_path / "minilm.safetensors"
-    assert evaluate_main(common + ["--embedder", "minilm", "--embed-cache", str(cache)]) == 2  # 384-d, it reads 396
-    assert "396" in capsys.readouterr().err and not out.exists()
-    assert evaluate_main(common + ["--embedder", "minilm+style", "--embed-cache", str(cache)]) == 2
-    assert "cache is for 'all-minilm-l6-v2'" in capsys.readouterr().err  # a cache of the other embedder is refused
+
+    def args(bundle):
+        return ["reward", "--bundle", str(bundle), "--pairs", str(pairs), "--split", "test", "--contexts", "0,10",
+                "--tasks", "40", "--targets", "11", "--context-mode", "subset", "--json", str(out)]
+
+    assert json.loads((shipped / "bundle.json").read_text())["embedder"]["spec"] == "minilm+style"
     cache = tmp_path / "minilm-style.safetensors"
-    assert evaluate_main(common + ["--embedder", "minilm+style", "--embed-cache", str(cache)]) == 0
+    assert evaluate_main(args(shipped) + ["--embed-cache", str(cache)]) == 0
     res = json.loads(out.read_text())
     assert cache.is_file() and set(res["overall"]) == {"0", "10"}
     assert res["overall"]["10"]["mean"] > res["overall"]["0"]["mean"] + 0.15
+    out.unlink()
+    bare = tmp_path / "bare"  # the same reward, trained (say) from precomputed vectors: no record
+    shutil.copytree(shipped, bare)
+    meta = json.loads((bare / "bundle.json").read_text())
+    del meta["embedder"]
+    (bare / "bundle.json").write_text(json.dumps(meta))
+    assert evaluate_main(args(bare)) == 2
+    assert "does not record how its options were embedded" in capsys.readouterr().err and not out.exists()
+    assert evaluate_main(args(bare) + ["--embedder", "base"]) == 2
+    assert "for policies" in capsys.readouterr().err
+    assert evaluate_main(args(bare) + ["--embedder", "minilm", "--embed-cache", str(tmp_path / "m.safetensors")]) == 2
+    assert "396" in capsys.readouterr().err and not out.exists()  # 384-d vectors for a 396-d model
+    assert evaluate_main(args(bare) + ["--embedder", "minilm+style", "--embed-cache", str(tmp_path / "m.safetensors")]) == 2
+    assert "cache is for 'all-minilm-l6-v2'" in capsys.readouterr().err  # a cache of the other embedder
+    assert evaluate_main(args(bare) + ["--embedder", "minilm+style", "--embed-cache", str(cache)]) == 0
+    assert json.loads(out.read_text())["overall"] == res["overall"]

@@ -64,12 +64,27 @@ def resolve_bundle(arg: str | os.PathLike | None = None) -> Path:
     return default_bundle_dir()
 
 
+def model_dtype(bundle_dir: str | os.PathLike, device: str) -> torch.dtype | None:
+    """bf16 on a GPU that supports it, and for SmolLM2 on a CPU too: at batch 1 with one thread
+    it streams 29-31 tokens/s there against 22-23 in fp32 (2-core machine). The tiny model stays
+    fp32 on a CPU (None: the bundle's own dtype)."""
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    from core.bundle import BundleError, read_manifest
+
+    try:
+        base = (read_manifest(bundle_dir).get("recipe") or {}).get("base")
+    except BundleError:
+        return None  # load_persona_bundle reports what is wrong with the folder
+    return torch.bfloat16 if base == "smol" else None
+
+
 class DemoApp:
     def __init__(self, bundle_dir: str | os.PathLike | None = None, device: str | None = None,
                  max_new_tokens: int | None = None) -> None:
         self.bundle_dir = resolve_bundle(bundle_dir)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device == "cuda" and torch.cuda.is_bf16_supported() else None
+        dtype = model_dtype(self.bundle_dir, self.device)
         t = time.time()
         self.bundle: PersonaBundle = load_persona_bundle(self.bundle_dir, device=self.device, dtype=dtype)
         self.bundle.policy.merge_for_inference()

@@ -58,3 +58,16 @@ def test_gpu_flops_and_peak_table():
     assert gpu.peak_bf16_tflops("NVIDIA A100-SXM4-80GB")[0] == 312.0
     assert gpu.peak_bf16_tflops("NVIDIA L4")[0] == 121.0 and gpu.peak_bf16_tflops("NVIDIA L40S")[0] == 362.05
     assert gpu.peak_bf16_tflops("NVIDIA A10G") == (None, None)
+
+
+def test_stream_benchmark_on_the_tiny_base(tmp_path, capsys):
+    from pathlib import Path
+
+    from benchmarks import stream
+
+    base = Path(__file__).resolve().parents[1] / "assets/models/persona-tiny/base"
+    out = tmp_path / "s.json"
+    assert stream.main(["--base", str(base), "--tokens", "6", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"fp32", "bf16"} and "| bf16 |" in capsys.readouterr().out
+    assert all(_positive(r["tokens_per_s"]) and _positive(r["ttft_ms"]) and r["tokens"] == 6 for r in rows.values())

@@ -303,3 +303,18 @@ def test_browser_clicks_update_map_and_curve_and_generation_streams(server, app,
         page.screenshot(path=str(shots / "demo-map-click.png"), full_page=True)
         browser.close()
     assert (shots / "demo.png").stat().st_size > 10_000
+
+
+def test_model_dtype_bf16_for_smollm2_on_cpu_only(tmp_path):
+    import torch
+
+    from demo.handlers import model_dtype
+
+    assert model_dtype(TINY, "cpu") is None  # the tiny model stays fp32
+    smol = tmp_path / "persona-smol"
+    smol.mkdir()
+    meta = json.loads((TINY / "bundle.json").read_text())
+    meta["recipe"] = {**meta["recipe"], "base": "smol"}
+    (smol / "bundle.json").write_text(json.dumps(meta))
+    assert model_dtype(smol, "cpu") == torch.bfloat16
+    assert model_dtype(tmp_path / "missing", "cpu") is None  # the loader names what is wrong

@@ -1,0 +1,71 @@
+"""Steered streaming speed at batch 1, the way the demo streams one answer: time to the first
+token and tokens/s after it, per dtype, for a policy on a given base (LoRA merged + FiLM; the
+adapters are freshly initialised, which costs the same compute as trained ones).
+
+    PYTHONPATH=. python benchmarks/stream.py [--base smollm2-135m-instruct] [--dtypes fp32 bf16]
+        [--threads 1] [--tokens 128] [--repeats 3] [--json OUT]
+
+Budget (DESIGN.md): ≥ 25 tokens/s of steered streaming for the SmolLM2 bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROMPT = "How do I keep basil fresh for longer?"
+
+
+def measure(base: str, dtype: str, tokens: int, repeats: int) -> dict[str, float]:
+    from core.basemodels import load_base
+    from core.policy import PolicyConfig, SteerablePolicy
+
+    lm, tok, _ = load_base(base, dtype=DTYPES[dtype])
+    policy = SteerablePolicy(PolicyConfig(base=base, conditioned=True, d_in=384, d_z=8, lora_r=8, lora_alpha=16), lm, tok)
+    policy.merge_for_inference()
+    z = torch.zeros(1, 8)
+    ttft, rate = [], []
+    for _ in range(repeats + 1):  # the first run warms up
+        t0 = time.perf_counter()
+        first = None
+        n = 0
+        for n, _texts in enumerate(policy.stream([PROMPT], z, max_new_tokens=tokens, min_new_tokens=tokens), 1):
+            if first is None:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        ttft.append(first - t0)
+        rate.append((n - 1) / max(end - first, 1e-9))
+    return {"ttft_ms": 1000 * statistics.median(ttft[1:]), "tokens_per_s": statistics.median(rate[1:]),
+            "tokens_per_s_min": min(rate[1:]), "tokens": n}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default="smollm2-135m-instruct", help="core.basemodels spec or a local folder")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the demo's default is 1)")
+    ap.add_argument("--tokens", type=int, default=128, help="new tokens per answer (forced)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = {d: measure(args.base, d, args.tokens, args.repeats) for d in args.dtypes}
+    print(f"steered streaming, batch 1, {args.base}, {args.threads} thread(s), {args.tokens} tokens, "
+          f"median of {args.repeats}")
+    print("| dtype | time to first token | tokens/s (min) | budget |\n|---|---|---|---|")
+    for d, r in rows.items():
+        print(f"| {d} | {r['ttft_ms']:.0f} ms | {r['tokens_per_s']:.1f} ({r['tokens_per_s_min']:.1f}) | ≥ 25 (SmolLM2) |")
+    if args.json:
+        args.json.write_text(json.dumps({"base": args.base, "threads": args.threads, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

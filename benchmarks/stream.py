@@ -1,6 +1,6 @@
 """Steered streaming speed at batch 1, the way the demo streams one answer: time to the first
-token and tokens/s after it, per dtype, for a policy on a given base (LoRA merged + FiLM; the
-adapters are freshly initialised, which costs the same compute as trained ones).
+token and tokens/s after it, per dtype, for a policy on a given base (LoRA merged + FiLM, with
+the non-trivial random adapters of benchmarks/policy.py's `build_policy`).
 
     PYTHONPATH=. python benchmarks/stream.py [--base smollm2-135m-instruct] [--dtypes fp32 bf16]
         [--threads 1] [--tokens 128] [--repeats 3] [--json OUT]
@@ -19,18 +19,15 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PROMPT = "How do I keep basil fresh for longer?"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.policy import DTYPES, PROMPT, build_policy  # noqa: E402
 
 
 def measure(base: str, dtype: str, tokens: int, repeats: int) -> dict[str, float]:
-    from core.basemodels import load_base
-    from core.policy import PolicyConfig, SteerablePolicy
-
-    lm, tok, _ = load_base(base, dtype=DTYPES[dtype])
-    policy = SteerablePolicy(PolicyConfig(base=base, conditioned=True, d_in=384, d_z=8, lora_r=8, lora_alpha=16), lm, tok)
+    policy = build_policy(base, DTYPES[dtype], "cpu")
     policy.merge_for_inference()
-    z = torch.zeros(1, 8)
+    z = torch.randn(1, policy.cfg.d_z, generator=torch.Generator().manual_seed(1))
     ttft, rate = [], []
     for _ in range(repeats + 1):  # the first run warms up
         t0 = time.perf_counter()

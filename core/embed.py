@@ -168,39 +168,38 @@ class ConcatEmbedder:
         return torch.cat([p.embed(texts).float() for p in self.parts], 1)  # (n, dim)
 
 
+_PARTS = {"minilm": MiniLMEmbedder, "style": StyleFeatures}  # spec part -> embedder class (name, dim)
 TEXT_EMBEDDERS = ("minilm", "style", "minilm+style")
+
+
+def _spec_parts(spec: str) -> list[type]:
+    parts = spec.split("+")
+    if any(p not in _PARTS for p in parts):
+        raise EmbedderError(f"unknown text embedder {spec!r}; expected one of {', '.join(TEXT_EMBEDDERS)}")
+    return [_PARTS[p] for p in parts]
 
 
 def text_embedder_dim(spec: str) -> int:
     """Width of a `make_text_embedder` spec's vectors, without loading anything."""
-    dims = {"minilm": MiniLMEmbedder.dim, "style": StyleFeatures.dim}
-    parts = spec.split("+")
-    if not parts or any(p not in dims for p in parts):
-        raise EmbedderError(f"unknown text embedder {spec!r}; expected one of {', '.join(TEXT_EMBEDDERS)}")
-    return sum(dims[p] for p in parts)
-
-
-def make_text_embedder(spec: str, device: str | torch.device = "cpu") -> TextEmbedder:
-    """A standalone text embedder: "minilm", "style", or parts joined by "+" ("minilm+style")."""
-    text_embedder_dim(spec)  # validates
-    parts: list[TextEmbedder] = [MiniLMEmbedder(device=device) if p == "minilm" else StyleFeatures()
-                                 for p in spec.split("+")]
-    return parts[0] if len(parts) == 1 else ConcatEmbedder(parts)
+    return sum(c.dim for c in _spec_parts(spec))
 
 
 def text_embedder_name(spec: str) -> str:
     """The name (cache key, bundle record) of a `make_text_embedder` spec, without loading it."""
-    text_embedder_dim(spec)  # validates
-    return "+".join({"minilm": MiniLMEmbedder.name, "style": StyleFeatures.name}[p] for p in spec.split("+"))
+    return "+".join(c.name for c in _spec_parts(spec))
+
+
+def make_text_embedder(spec: str, device: str | torch.device = "cpu") -> TextEmbedder:
+    """A standalone text embedder: "minilm", "style", or parts joined by "+" ("minilm+style")."""
+    parts = [c(device=device) if c is MiniLMEmbedder else c() for c in _spec_parts(spec)]
+    return parts[0] if len(parts) == 1 else ConcatEmbedder(parts)
 
 
 def text_embedder_spec(name: str) -> str | None:
     """The `make_text_embedder` spec of an embedder's recorded name (None if it is not one)."""
-    names = {MiniLMEmbedder.name: "minilm", StyleFeatures.name: "style"}
+    specs = {c.name: p for p, c in _PARTS.items()}
     parts = name.split("+")
-    if parts and all(p in names for p in parts):
-        return "+".join(names[p] for p in parts)
-    return None
+    return "+".join(specs[p] for p in parts) if all(p in specs for p in parts) else None
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -140,14 +140,13 @@ def fit_map(z: np.ndarray, w: np.ndarray, axes: Sequence[str], method: str = "ca
         weight, bias = fwd[:-1].T, fwd[-1]
     else:
         raise ValueError(f"method must be 'calibration' or 'regression', got {method!r}")
-    bounds = extra.get("bounds")
-    pred = z @ weight.T + bias  # (N, A)
-    resid = w - (pred if bounds is None else np.clip(pred, *bounds))
-    fit = {"users": int(len(z)), "method": method, "rmse": float(np.sqrt((resid ** 2).mean())),
-           "r2": [float(1 - resid[:, i].var() / max(w[:, i].var(), 1e-12)) for i in range(w.shape[1])],
-           "bias": [float(v) for v in resid.mean(0) * -1]}
-    return BehaviourMap(axes=list(axes), weight=weight, bias=bias, inv_weight=A_, inv_bias=c,
-                        fit={**fit, **extra.pop("fit", {})}, **extra)
+    fit = extra.pop("fit", {})
+    m = BehaviourMap(axes=list(axes), weight=weight, bias=bias, inv_weight=A_, inv_bias=c, **extra)
+    resid = w - m(z)  # (N, A), with the map's own bounds
+    m.fit = {"users": int(len(z)), "method": method, "rmse": float(np.sqrt((resid ** 2).mean())),
+             "r2": [float(1 - resid[:, i].var() / max(w[:, i].var(), 1e-12)) for i in range(w.shape[1])],
+             "bias": [float(v) for v in resid.mean(0) * -1], **fit}
+    return m
 
 
 def simulate_contexts(pairs, emb: tuple[torch.Tensor, torch.Tensor], users: np.ndarray, n_context: int,

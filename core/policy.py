@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from core.embed import TEXT_EMBEDDERS
 from core.encoder import ContextEncoder, EncoderConfig, Gaussian
 from core.film import FiLM, FiLMConfig, find_decoder_layers, hidden_size, unwrap
 from core.losses import btl_nll
@@ -71,8 +72,8 @@ class PolicyConfig:
         if self.conditioned and (self.encoder.d_in != self.d_in or self.encoder.d_z != self.d_z):
             raise ValueError(f"encoder (d_in {self.encoder.d_in}, d_z {self.encoder.d_z}) does not match the "
                              f"policy (d_in {self.d_in}, d_z {self.d_z})")
-        if self.embedder not in ("minilm", "minilm+style", "style", "base"):
-            raise ValueError(f"embedder must be minilm, minilm+style, style or base, got {self.embedder!r}")
+        if self.embedder not in (*TEXT_EMBEDDERS, "base"):
+            raise ValueError(f"embedder must be {', '.join(TEXT_EMBEDDERS)} or base, got {self.embedder!r}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
 

@@ -65,9 +65,9 @@ def resolve_bundle(arg: str | os.PathLike | None = None) -> Path:
 
 
 def model_dtype(bundle_dir: str | os.PathLike, device: str) -> torch.dtype | None:
-    """bf16 on a GPU that supports it, and for SmolLM2 on a CPU too: at batch 1 with one thread
-    it streams 29-31 tokens/s there against 22-23 in fp32 (2-core machine). The tiny model stays
-    fp32 on a CPU (None: the bundle's own dtype)."""
+    """bf16 on a GPU that supports it, and for SmolLM2 on a CPU too: at batch 1 with one thread it
+    streams 28.9 tokens/s there against 21.3 in fp32 (benchmarks/stream.py, 2-core machine). The
+    tiny model stays fp32 on a CPU (None: the bundle's own dtype)."""
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     from core.bundle import BundleError, read_manifest

@@ -102,8 +102,12 @@ def stage_pairs(cfg: RecipeConfig, work: Path) -> PairSet:
     return pairs
 
 
+def _emb_cache(work: Path) -> Path:
+    return work / "embeddings.safetensors"
+
+
 def stage_embeddings(cfg: RecipeConfig, pairs: PairSet, work: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    cache = EmbeddingCache(make_text_embedder(cfg.embedder), work / "embeddings.safetensors")
+    cache = EmbeddingCache(make_text_embedder(cfg.embedder), _emb_cache(work))
     emb = embed_pairs(pairs, cache)
     cache.save()
     log(f"embeddings: {tuple(emb[0].shape)} x 2")
@@ -128,7 +132,7 @@ def stage_reward(cfg: RecipeConfig, pairs: PairSet, emb, work: Path) -> Path:
                       "encoder": {"d_z": cfg.d_z}}})
         t = time.time()
         # embedded through the stage's cache (no recomputation), so the bundle records its embedder
-        train_reward(pairs, "np-btl-latent", out, run, embedder=cfg.embedder, embed_cache=work / "embeddings.safetensors",
+        train_reward(pairs, "np-btl-latent", out, run, embedder=cfg.embedder, embed_cache=_emb_cache(work),
                      quiet=True, data_meta={"source": "persona"})
         log(f"reward: trained in {time.time() - t:.0f} s")
     return out
@@ -220,13 +224,18 @@ def stage_pool(cfg: RecipeConfig, pairs: PairSet, emb) -> tuple[list[dict], dict
     return pool, {"a": emb[0][t].contiguous(), "b": emb[1][t].contiguous()}
 
 
-def build(cfg: RecipeConfig, out: Path, work: Path) -> dict[str, Any]:
+def stage_inputs(cfg: RecipeConfig, work: Path) -> tuple[PairSet, tuple[torch.Tensor, torch.Tensor], Path]:
+    """Stages 1-3, which both policies need: (pairs, option embeddings, reward bundle folder)."""
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
     torch.manual_seed(cfg.seed)
     pairs = stage_pairs(cfg, work)
     emb = stage_embeddings(cfg, pairs, work)
-    reward_dir = stage_reward(cfg, pairs, emb, work)
+    return pairs, emb, stage_reward(cfg, pairs, emb, work)
+
+
+def build(cfg: RecipeConfig, out: Path, work: Path) -> dict[str, Any]:
+    t0 = time.time()
+    pairs, emb, reward_dir = stage_inputs(cfg, work)
     policy_dir = stage_policy(cfg, pairs, emb, work, reward_dir, "np-dpo")
     dpo_dir = stage_policy(cfg, pairs, emb, work, reward_dir, "dpo")
     mp = stage_map(cfg, pairs, emb, reward_dir)
@@ -268,13 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RecipeConfig.for_base(args.base, args.seed)
     work = args.work or args.out.parent / f"{args.out.name}.work"
     if args.only:
-        work.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed)
-        pairs = stage_pairs(cfg, work)
-        emb = stage_embeddings(cfg, pairs, work)
-        stage_policy(cfg, pairs, emb, work, stage_reward(cfg, pairs, emb, work), args.only)
-        return 0
-    build(cfg, args.out, work)
+        pairs, emb, reward_dir = stage_inputs(cfg, work)
+        stage_policy(cfg, pairs, emb, work, reward_dir, args.only)
+    else:
+        build(cfg, args.out, work)
     return 0
 
 

@@ -478,16 +478,15 @@ class SteerablePolicy(nn.Module):
         zr = self._z_rows(z, len(prompts))
         mode = self.reference() if base else self.conditioned(zr)
         kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
-                                  do_sample=do_sample, use_cache=use_cache,
+                                  do_sample=False, use_cache=use_cache,
                                   eos_token_id=self.chat.stop_ids, pad_token_id=self.pad_id, streamer=streamer)
-        if do_sample:
-            kw.update(temperature=temperature, top_p=top_p, top_k=0)
+        if do_sample:  # our own sampler with a private generator: seeded runs are thread-safe
+            from transformers import LogitsProcessorList
+            kw["logits_processor"] = LogitsProcessorList([SeededSampler(temperature, top_p, seed)])
         was_training = self.training
         self.eval()
         try:
             with mode:
-                if seed is not None:
-                    torch.manual_seed(seed)
                 out = self.lm.generate(input_ids=x, attention_mask=am, **kw)  # (B, L + new)
         finally:
             self.train(was_training)
@@ -514,6 +513,36 @@ class SteerablePolicy(nn.Module):
         for texts in streamer:
             yield [s.strip() for s in texts]
         t.join()
+
+
+class SeededSampler:
+    """A logits processor that samples the next token itself (temperature, then nucleus top_p)
+    with a private torch.Generator and leaves only that token finite, so greedy decoding emits it.
+
+    Sampling through transformers draws from torch's process-wide generator, so two generations
+    seeded at once in two threads (the demo streams steered and baseline together) interleave
+    their draws; this one depends only on its own seed. seed=None draws one from the global RNG.
+    """
+
+    def __init__(self, temperature: float, top_p: float = 1.0, seed: int | None = None) -> None:
+        if not temperature > 0:
+            raise ValueError(f"sampling temperature must be > 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.temperature, self.top_p = float(temperature), float(top_p)
+        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        self.gen: torch.Generator | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.gen is None or self.gen.device != scores.device:
+            self.gen = torch.Generator(device=scores.device).manual_seed(self.seed)
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        if self.top_p < 1:
+            p_sorted, order = probs.sort(dim=-1, descending=True)  # (B, V)
+            drop = p_sorted.cumsum(-1) - p_sorted >= self.top_p  # the mass before a token already covers top_p
+            probs = probs.scatter(-1, order, p_sorted.masked_fill(drop, 0.0))
+        tok = torch.multinomial(probs, 1, generator=self.gen)  # (B, 1)
+        return torch.full_like(scores, float("-inf")).scatter(-1, tok, 0.0)  # (B, V)
 
 
 def _trim(s: Sequences) -> Sequences:

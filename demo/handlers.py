@@ -23,6 +23,10 @@ from core.session import Engine, SessionError, SessionState
 
 MAX_PROMPT_CHARS = 2000
 BUNDLE_ENV = "FSA_BUNDLE"
+DECODINGS = ("greedy", "sample")
+SAMPLE_TEMPERATURE = 0.7  # the steering experiment's sampled setting (core.experiments.steering --decoding sample)
+SAMPLE_TOP_P = 0.95
+MAX_SEED = 2**31 - 1
 
 
 class DemoError(ValueError):
@@ -226,20 +230,37 @@ class DemoApp:
     def scores(self, text: str) -> dict[str, Any]:
         return {**{k: round(v, 4) for k, v in P.score_all(text).items()}, "words": P.word_count(text)}
 
-    def generate(self, prompt: str, mode: str, state: dict | None, point: list[float] | None = None) -> dict[str, Any]:
+    def decoding_kw(self, decoding: str = "greedy", seed: Any = 0) -> dict[str, Any]:
+        """generate() options for a decoding choice: greedy, or sampling at SAMPLE_TEMPERATURE with a
+        seed (the same seed gives the same answer; steered and baseline share it)."""
+        if decoding not in DECODINGS:
+            raise DemoError(f"decoding must be one of {', '.join(map(repr, DECODINGS))}, got {decoding!r}")
+        kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
+        if decoding == "sample":
+            try:
+                s = float(seed)
+            except (TypeError, ValueError):
+                raise DemoError(f"the sampling seed must be a whole number, got {seed!r}") from None
+            if not (math.isfinite(s) and s == int(s) and 0 <= s <= MAX_SEED):
+                raise DemoError(f"the sampling seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+            kw.update(do_sample=True, temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=int(s))
+        return kw
+
+    def generate(self, prompt: str, mode: str, state: dict | None, point: list[float] | None = None,
+                 decoding: str = "greedy", seed: Any = 0) -> dict[str, Any]:
         out = {}
-        for out in self.stream(prompt, mode, state, point):
+        for out in self.stream(prompt, mode, state, point, decoding, seed):
             pass
         return out
 
-    def stream(self, prompt: str, mode: str, state: dict | None, point: list[float] | None = None
-               ) -> Iterator[dict[str, Any]]:
+    def stream(self, prompt: str, mode: str, state: dict | None, point: list[float] | None = None,
+               decoding: str = "greedy", seed: Any = 0) -> Iterator[dict[str, Any]]:
         """Yields {text, mode, tokens, done} after every generated token (tokens: how many so far),
         then once more with done=True and the answer's attributes."""
         p = check_prompt(prompt)
         if mode not in ("steered", "baseline"):
             raise DemoError(f"mode must be 'steered' or 'baseline', got {mode!r}")
-        kw = {"max_new_tokens": self.max_new_tokens}
+        kw = self.decoding_kw(decoding, seed)
         if mode == "steered":
             it = self.bundle.policy.stream([p], self.z_for(state, point)[None], **kw)
         else:
@@ -250,21 +271,23 @@ class DemoApp:
             yield {"text": text, "mode": mode, "tokens": n, "done": False}
         yield {"text": text, "attributes": self.scores(text), "mode": mode, "tokens": n, "done": True}
 
-    def stream_both(self, prompt: str, state: dict | None, point: list[float] | None = None
-                    ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    def stream_both(self, prompt: str, state: dict | None, point: list[float] | None = None,
+                    decoding: str = "greedy", seed: Any = 0) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """Steered and baseline answers growing side by side."""
-        s_it = self.stream(prompt, "steered", state, point)
-        b_it = self.stream(prompt, "baseline", state, point)
+        self.decoding_kw(decoding, seed)  # bad options fail here, before either stream starts
+        s_it = self.stream(prompt, "steered", state, point, decoding, seed)
+        b_it = self.stream(prompt, "baseline", state, point, decoding, seed)
         s = b = {"text": "", "done": False}
         for s_new, b_new in itertools.zip_longest(s_it, b_it):
             s = s_new or s
             b = b_new or b
             yield s, b
 
-    def sweep(self, prompt: str, axis: str, state: dict | None, n: int = 5, point: list[float] | None = None
-              ) -> list[dict[str, Any]]:
+    def sweep(self, prompt: str, axis: str, state: dict | None, n: int = 5, point: list[float] | None = None,
+              decoding: str = "greedy", seed: Any = 0) -> list[dict[str, Any]]:
         """n answers across one axis of the map (the other axis held at the current point), in one batch."""
         p = check_prompt(prompt)
+        kw = self.decoding_kw(decoding, seed)
         axes = self.bundle.axes
         if axis not in axes:
             raise DemoError(f"sweep axis must be one of {', '.join(axes)}, got {axis!r}")
@@ -278,5 +301,5 @@ class DemoApp:
         pts = np.repeat(base[None], int(n), 0)
         pts[:, i] = np.linspace(-1, 1, int(n))
         z = torch.as_tensor(self.map.to_z(pts), dtype=torch.float32)  # (n, d_z)
-        texts = self.bundle.policy.generate([p] * int(n), z, max_new_tokens=self.max_new_tokens)
+        texts = self.bundle.policy.generate([p] * int(n), z, **kw)
         return [{"point": pt.tolist(), "text": t, "attributes": self.scores(t)} for pt, t in zip(pts, texts)]

@@ -13,7 +13,7 @@ from typing import Callable
 import gradio as gr
 
 from demo import plots
-from demo.handlers import DemoApp, DemoError, map_point
+from demo.handlers import DECODINGS, MAX_SEED, SAMPLE_TEMPERATURE, SAMPLE_TOP_P, DemoApp, DemoError, map_point
 
 try:  # ZeroGPU on Hugging Face Spaces; a no-op decorator everywhere else
     import spaces
@@ -220,16 +220,16 @@ def build(app: DemoApp) -> gr.Blocks:
 
     @gpu
     @_errors
-    def ui_generate(prompt, state, use_manual, x, y):
-        for s, b in app.stream_both(prompt, state, manual_point(use_manual, x, y)):
+    def ui_generate(prompt, state, use_manual, x, y, decoding, seed):
+        for s, b in app.stream_both(prompt, state, manual_point(use_manual, x, y), decoding, seed):
             sm = plots.meters_html(s["attributes"], labels, s["attributes"]["words"]) if s.get("done") else ""
             bm = plots.meters_html(b["attributes"], labels, b["attributes"]["words"]) if b.get("done") else ""
             yield _md_answer(s["text"]), sm, _md_answer(b["text"]), bm
 
     @gpu
     @_errors
-    def ui_sweep(prompt, axis, state, use_manual, x, y):
-        res = app.sweep(prompt, axis, state, 5, manual_point(use_manual, x, y))
+    def ui_sweep(prompt, axis, state, use_manual, x, y, decoding, seed):
+        res = app.sweep(prompt, axis, state, 5, manual_point(use_manual, x, y), decoding, seed)
         lo, hi = labels.get(axis, ["−", "+"])[:2]
         parts = [f"### Sweep over {axis}: {lo} → {hi}"]
         for r in res:
@@ -349,6 +349,11 @@ def build(app: DemoApp) -> gr.Blocks:
                                      label="Prompt (pick one or type your own)", scale=4, elem_id="gen-prompt")
             btn_gen = gr.Button("Generate", variant="primary", scale=1, elem_id="btn-generate")
         with gr.Row():
+            decoding = gr.Radio(list(DECODINGS), value="greedy", label="Decoding", elem_id="decoding",
+                                info=f"greedy: the single most likely answer; sample: temperature {SAMPLE_TEMPERATURE}, "
+                                     f"top-p {SAMPLE_TOP_P} (steered and baseline share the seed)")
+            seed = gr.Number(0, label="Sampling seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+        with gr.Row():
             with gr.Column():
                 gr.Markdown("**Steered to you** (z from your clicks, or the manual point)")
                 steered_md = gr.Markdown(elem_id="steered")
@@ -421,9 +426,9 @@ def build(app: DemoApp) -> gr.Blocks:
         map_click.click(ui_map_click, [state, x, y], [use_manual, x, y, map_plot, manual_box], js=MAP_CLICK_INPUTS_JS,
                         trigger_mode="always_last", **private)
         lane = {"concurrency_limit": GENERATION_CONCURRENCY, "concurrency_id": GENERATION_LANE}
-        btn_gen.click(ui_generate, [gen_prompt, state, *man], [steered_md, steered_meters, base_md, base_meters],
+        btn_gen.click(ui_generate, [gen_prompt, state, *man, decoding, seed], [steered_md, steered_meters, base_md, base_meters],
                       **lane, **private)
-        btn_sweep.click(ui_sweep, [gen_prompt, sweep_axis, state, *man], [sweep_md], **lane, **private)
+        btn_sweep.click(ui_sweep, [gen_prompt, sweep_axis, state, *man, decoding, seed], [sweep_md], **lane, **private)
         btn_export.click(ui_export, [state], [export_file, export_text], **private)
         btn_import.click(ui_import, [import_text, import_file, state, *man], [state, saved, *vis], **private)
 

@@ -107,6 +107,27 @@ def test_stream_both_yields_growing_text(app):
     assert lens == sorted(lens)
 
 
+def test_sampled_decoding_is_seeded_and_shared_by_the_side_by_side_streams(app):
+    from demo.handlers import DemoError
+
+    q, pt = "How do I get better sleep?", [0.6, 0.2]
+    both = [(s["text"], b["text"]) for s, b in app.stream_both(q, None, pt, "sample", 5)][-1]
+    # the two streams run at once in two threads; each equals its own run alone
+    assert both == (app.generate(q, "steered", None, pt, "sample", 5)["text"],
+                     app.generate(q, "baseline", None, pt, "sample", "5")["text"])
+    seeds = [app.generate(q, "baseline", None, pt, "sample", k)["text"] for k in (6, 7, 8)]
+    assert len({both[1], *seeds}) > 1  # the seed matters
+    assert app.generate(q, "baseline", None, pt, "greedy", 99)["text"] == app.generate(q, "baseline", None)["text"]
+    for bad, msg in [(("beam", 0), "decoding"), (("sample", -1), "seed"), (("sample", 1.5), "seed"),
+                     (("sample", "x"), "seed"), (("sample", float("nan")), "seed")]:
+        with pytest.raises(DemoError, match=msg):
+            list(app.stream_both(q, None, pt, *bad))
+        with pytest.raises(DemoError, match=msg):
+            app.sweep(q, "verbosity", None, 3, pt, *bad)
+    res = app.sweep(q, "verbosity", None, 3, pt, "sample", 2)
+    assert [r["text"] for r in res] == [r["text"] for r in app.sweep(q, "verbosity", None, 3, pt, "sample", 2)]
+
+
 def test_stream_counts_generated_tokens(app):
     steps = list(app.stream("How do I get better sleep?", "steered", None))
     counts = [s["tokens"] for s in steps]

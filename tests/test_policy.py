@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 
 import pytest
 import torch
@@ -266,6 +267,31 @@ def test_stream_yields_growing_rows_and_ends_at_the_generated_text(tok):
     chunks = list(policy.stream(PROMPTS, z, max_new_tokens=10))
     assert 1 <= len(chunks) <= 10
     assert [c.strip() for c in chunks[-1]] == final
+
+
+def test_seeded_sampling_is_reproducible_thread_safe_and_reduces_to_greedy(tok):
+    policy = make_policy("gpt2", tok)
+    _perturb(policy)
+    z = torch.randn(2, 4)
+    kw = dict(max_new_tokens=12, return_tokens=True, do_sample=True, temperature=1.5)
+    a = policy.generate(PROMPTS, z, seed=7, **kw)
+    torch.manual_seed(0)  # the global RNG plays no part
+    assert policy.generate(PROMPTS, z, seed=7, **kw) == a
+    assert any(policy.generate(PROMPTS, z, seed=s, **kw) != a for s in (8, 9, 10))
+    # two seeded generations at once in two threads (the demo streams steered and baseline together)
+    outs: dict[int, list] = {}
+    threads = [threading.Thread(target=lambda i=i: outs.__setitem__(i, policy.generate(PROMPTS, z, seed=7, **kw)))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outs[0] == outs[1] == a
+    # a nucleus smaller than the top token's mass keeps only the top token: greedy
+    greedy = policy.generate(PROMPTS, z, max_new_tokens=12, return_tokens=True)
+    assert policy.generate(PROMPTS, z, seed=3, top_p=1e-6, **kw) == greedy
+    with pytest.raises(ValueError, match="temperature"):
+        policy.generate(PROMPTS, z, do_sample=True, temperature=0.0)
 
 
 def test_lm_embedder_last_token_is_padding_invariant(tok):

@@ -316,3 +316,13 @@ def test_continuous_users_in_the_task_sampler(records):
                     "train", seed=0)
     batch = s.sample(0, 4)
     assert batch.user_weights.shape == (4, len(P.AXES))
+
+
+def test_edge_users_are_sphere_directions_on_the_square_boundary():
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    for _ in range(200):
+        e, s = np.asarray(P.sample_user(r1, "edge")), np.asarray(P.sample_user(r2, "sphere"))
+        assert np.abs(e).max() == pytest.approx(1.0) and np.linalg.norm(s) == pytest.approx(1.0)
+        np.testing.assert_allclose(e, s / np.abs(s).max())  # same direction, scaled onto the boundary
+    with pytest.raises(ValueError, match="unknown prior"):
+        P.sample_user(r1, "disc")

@@ -1787,15 +1787,16 @@ def btl_choice(u_a: float, u_b: float, temperature: float, rng: np.random.Genera
 def sample_user(rng: np.random.Generator, prior: str = "square") -> tuple[float, ...]:
     """A continuous user's weight vector over `AXES`.
 
-    prior: "square" (uniform on [-1, 1]^d), "sphere" (uniform direction, unit norm) or
-    "archetype" (one of the corners in `ARCHETYPES`).
+    prior: "square" (uniform on [-1, 1]^d), "sphere" (uniform direction, unit norm), "edge" (a
+    uniform direction scaled onto the square's boundary: max |w_i| = 1, so the corners are the
+    archetypes) or "archetype" (one of the corners in `ARCHETYPES`).
     """
     d = len(AXES)
     if prior == "square":
         w = rng.uniform(-1.0, 1.0, d)
-    elif prior == "sphere":
+    elif prior in ("sphere", "edge"):
         w = rng.standard_normal(d)
-        w = w / max(float(np.linalg.norm(w)), 1e-12)
+        w = w / max(float(np.abs(w).max() if prior == "edge" else np.linalg.norm(w)), 1e-12)
     elif prior == "archetype":
         names = list(ARCHETYPES)
         w = np.asarray(ARCHETYPES[names[int(rng.integers(len(names)))]])

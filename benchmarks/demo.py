@@ -330,10 +330,12 @@ def browser_clicks(url: str, clicks: int) -> dict[str, list[float]]:
     """One real page: click -> status and map redrawn (measured in the page with performance.now())."""
     from playwright.sync_api import sync_playwright
 
+    # textContent, not innerText: innerText makes the browser lay the page out, and this check runs
+    # on every DOM mutation of the redraw (plotly makes many), which slowed the very redraw it timed.
     js = """async (n) => {
         const t0 = performance.now();
-        const ok = () => document.querySelector('#status').innerText.includes(n + ' clicks')
-                         && document.querySelector('#map').innerText.includes('· ' + n + ' clicks');
+        const ok = () => document.querySelector('#status').textContent.includes(n + ' clicks')
+                         && document.querySelector('#map').textContent.includes('· ' + n + ' clicks');
         const done = new Promise((resolve) => {
             const o = new MutationObserver(() => { if (ok()) { o.disconnect(); resolve(); } });
             o.observe(document.body, {subtree: true, childList: true, characterData: true});

@@ -5,13 +5,17 @@ A session is a JSON-able `SessionState`; `Engine` (one per loaded persona bundle
 users, holds no per-user state) answers questions about a state and returns new states. So the
 web app keeps one state per browser session, and two users can never see each other's clicks.
 
-Per click the posterior is one encoder pass over the clicked pairs (no gradient step).
+Per click the posterior is one encoder pass over the clicked pairs (no gradient step); the engine
+caches posteriors by the answered clicks, so the several questions a click asks (the prediction
+for the pair on screen, the next pair, the map) share that pass.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -23,6 +27,7 @@ PROFILE_FORMAT = "few-shot-alignment-profile"
 PROFILE_VERSION = 1
 MAX_PROFILE_BYTES = 256 * 1024
 MAX_CLICKS = 500
+POSTERIOR_CACHE = 1024  # posteriors kept, keyed by the answered clicks (a click asks for the same one 2-3 times)
 
 
 class SessionError(ValueError):
@@ -62,7 +67,7 @@ class Engine:
     """Posterior, predictions and pair selection for one persona bundle."""
 
     def __init__(self, reward, behaviour_map, pool: list[dict[str, Any]], pool_emb: tuple[torch.Tensor, torch.Tensor],
-                 n_samples: int = 64) -> None:
+                 n_samples: int = 64, cache_size: int = POSTERIOR_CACHE) -> None:
         self.reward = reward.eval()
         self.map = behaviour_map
         self.pool = pool
@@ -70,6 +75,11 @@ class Engine:
         self.n_samples = n_samples
         self.ids = {r["id"]: i for i, r in enumerate(pool)}
         self.axes = list(behaviour_map.axes)
+        # q(z | clicks) is a pure function of the answered (pair, choice) sequence, so one cache serves
+        # every user: a hit returns exactly what the encoder returned for that sequence before.
+        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.cache_size = cache_size
 
     @classmethod
     def from_bundle(cls, bundle, **kw) -> "Engine":
@@ -80,6 +90,21 @@ class Engine:
     def _posteriors(self, clicks: Sequence[dict[str, Any]], prefixes: bool = False):
         """(mean, std) of q(z | clicks), (1, d_z) each; with prefixes, for every prefix 0..n: (n + 1, d_z)."""
         ans = [c for c in clicks if c["choice"] in ("A", "B")]
+        key = (prefixes, tuple((int(c["pair"]), c["choice"]) for c in ans))
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        out = self._encode(ans, prefixes)
+        with self._cache_lock:
+            self._cache[key] = out
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return out
+
+    def _encode(self, ans: list[dict[str, Any]], prefixes: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One encoder pass over the answered clicks (see _posteriors)."""
         n = len(ans)
         rows = torch.tensor([c["pair"] for c in ans], dtype=torch.long)
         choice = torch.tensor([1.0 if c["choice"] == "B" else 0.0 for c in ans])
@@ -95,7 +120,7 @@ class Engine:
         q = self.reward.encoder(a, b, ch, mask)
         if isinstance(q, torch.Tensor):  # deterministic encoder: no uncertainty
             return q, torch.zeros_like(q)
-        return q.mean, q.std
+        return q.mean.detach(), q.std.detach()
 
     def latent(self, state: SessionState) -> dict[str, Any]:
         """The posterior and its trajectory on the behaviour map, as plain data."""
@@ -133,7 +158,7 @@ class Engine:
 
     def z_of(self, state: SessionState) -> torch.Tensor:
         """The posterior mean z (d_z,) of a session: what steers generation."""
-        return self._posteriors(state.clicks)[0][0]
+        return self._posteriors(state.clicks)[0][0].clone()  # a copy: the cached posterior stays as it is
 
     def z_at(self, point: Sequence[float]) -> torch.Tensor:
         """A z for a point on the behaviour map (manual steering)."""

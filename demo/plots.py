@@ -1,4 +1,9 @@
-"""Pure plotly figure builders for the demo (data in, figure out; no state, no IO)."""
+"""Pure plotly figure builders for the demo (data in, figure out; no state, no IO).
+
+The figures are plotly specs, plain dicts ({"data": [...], "layout": {...}}) that `json.dumps`
+takes as they are: building them through plotly.graph_objects validated every property and
+cost 30-40 ms per figure on a 2-core CPU, which every click paid twice. The tests validate
+the specs with `go.Figure(spec)`, which raises on any property plotly does not know."""
 
 from __future__ import annotations
 
@@ -6,7 +11,6 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-import plotly.graph_objects as go
 
 COLORS = {"busy executive": "#4C72B0", "thorough analyst": "#55A868", "casual texter": "#DD8452",
           "friendly tutor": "#C44E52"}
@@ -19,7 +23,8 @@ MAP_LIMIT = 1.0  # clicks and sliders cover [-MAP_LIMIT, MAP_LIMIT]^2
 # A light look set directly on the layout: resolving a named template ("plotly_white") costs about
 # 20 ms per figure on a 2-core CPU, which a click that redraws two figures would pay every time.
 _GRID = {"gridcolor": "#E5ECF6", "zerolinecolor": "#C8D4E3", "linecolor": "#C8D4E3"}
-_LOOK = {"template": None, "paper_bgcolor": "white", "plot_bgcolor": "white",
+_TICKS = [-1.0, -0.5, 0.0, 0.5, 1.0]  # fixed map ticks: plotly need not work them out on every redraw
+_LOOK = {"template": {}, "paper_bgcolor": "white", "plot_bgcolor": "white",
          "font": {"family": "sans-serif", "color": "#2a3f5f"}}
 
 
@@ -33,82 +38,93 @@ def ellipse(center: Sequence[float], cov: Sequence[Sequence[float]], n_std: floa
     return np.asarray(center[:2]) + n_std * (circle * np.sqrt(vals)) @ vecs.T
 
 
-def click_layer(axes: Sequence[str], step: float = MAP_STEP, limit: float = MAP_LIMIT) -> go.Heatmap:
-    """An invisible heatmap over [-limit, limit]^2, one cell per `step`.
+def click_layer(axes: Sequence[str], step: float = MAP_STEP, limit: float = MAP_LIMIT) -> dict[str, Any]:
+    """An invisible heatmap trace over [-limit, limit]^2, one cell per `step`.
 
     plotly only reports clicks on traces (`plotly_click`), so this layer makes a click anywhere in
     the steerable square register; the clicked cell's centre (x, y) is a multiple of `step`.
     """
     n = int(round(2 * limit / step)) + 1
-    grid = np.round(np.linspace(-limit, limit, n), 6)
-    return go.Heatmap(x=grid, y=grid, z=np.zeros((n, n)), meta=CLICK_TARGET, name="steer here", showscale=False,
-                      colorscale=[[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]], showlegend=False,
-                      hovertemplate=f"click to steer from here<br>{axes[0]} %{{x:.2f}} · {axes[1]} %{{y:.2f}}"
-                                    "<extra></extra>")
+    grid = [round(-limit + i * step, 6) + 0.0 for i in range(n)]  # (n,)
+    return {"type": "heatmap", "x": grid, "y": grid, "z": [[0] * n for _ in range(n)],  # z: (n, n)
+            "meta": CLICK_TARGET, "name": "steer here", "showscale": False, "showlegend": False,
+            "colorscale": [[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]],
+            "hovertemplate": f"click to steer from here<br>{axes[0]} %{{x:.2f}} · {axes[1]} %{{y:.2f}}<extra></extra>"}
+
+
+def _scatter(x: Sequence[float], y: Sequence[float], **kw: Any) -> dict[str, Any]:
+    return {"type": "scatter", "x": [float(v) for v in x], "y": [float(v) for v in y], **kw}
+
+
+def _axis(title: str, **kw: Any) -> dict[str, Any]:
+    return {"title": {"text": title}, **_GRID, **kw}
 
 
 def behaviour_map(latent: dict[str, Any], anchors: dict[str, Sequence[float]], axis_labels: dict[str, Sequence[str]],
-                  axes: Sequence[str], manual: Sequence[float] | None = None, height: int = 430) -> go.Figure:
-    """The posterior's path over the behaviour map with its 1σ ellipse and the archetype anchors.
+                  axes: Sequence[str], manual: Sequence[float] | None = None, height: int = 430) -> dict[str, Any]:
+    """The posterior's path over the behaviour map with its 1σ ellipse and the archetype anchors,
+    as a plotly figure spec ({"data": traces, "layout": ...}, plain JSON-able values).
 
     The first trace is an invisible click layer over the steerable square (see `click_layer`),
     outlined by a dotted box; `manual` is the manual-steering point, drawn as a cross.
     """
-    fig = go.Figure()
-    fig.add_trace(click_layer(axes))
-    fig.add_shape(type="rect", x0=-MAP_LIMIT, y0=-MAP_LIMIT, x1=MAP_LIMIT, y1=MAP_LIMIT, layer="below",
-                  line={"color": "rgba(0,0,0,0.45)", "width": 1.5, "dash": "dot"})
-    for name, a in anchors.items():
-        fig.add_trace(go.Scatter(x=[a[0]], y=[a[1]], mode="markers+text", text=[name], textposition="bottom center",
-                                 marker={"symbol": "star", "size": 15, "color": COLORS.get(name, "#888")},
-                                 name=name, hoverinfo="text", showlegend=False))
-    traj = np.asarray(latent.get("trajectory") or [[latent["map"]["x"], latent["map"]["y"]]])
+    data = [click_layer(axes)]
+    if anchors:  # one trace for all archetypes: each trace costs the browser a redraw on every click
+        names = list(anchors)
+        data.append(_scatter([anchors[k][0] for k in names], [anchors[k][1] for k in names], mode="markers+text",
+                             text=names, textposition="bottom center", name="archetypes", hoverinfo="text",
+                             marker={"symbol": "star", "size": 15, "color": [COLORS.get(k, "#888") for k in names]},
+                             showlegend=False))
+    traj = np.asarray(latent.get("trajectory") or [[latent["map"]["x"], latent["map"]["y"]]], dtype=np.float64)  # (T, 2)
     if len(traj) > 1:
-        fig.add_trace(go.Scatter(x=traj[:, 0], y=traj[:, 1], mode="lines+markers", name="your path",
-                                 line={"color": YOU, "width": 1.5}, marker={"size": 5, "color": YOU},
-                                 text=[f"after {i} clicks" for i in range(len(traj))], hoverinfo="text"))
-    cur = [latent["map"]["x"], latent["map"]["y"]]
-    e = ellipse(cur, latent["cov"])
-    fig.add_trace(go.Scatter(x=e[:, 0], y=e[:, 1], mode="lines", fill="toself", fillcolor="rgba(106,61,154,0.15)",
-                             line={"color": "rgba(106,61,154,0.5)"}, name="uncertainty (1σ)", hoverinfo="skip"))
-    fig.add_trace(go.Scatter(x=[cur[0]], y=[cur[1]], mode="markers", name="you (inferred)",
-                             marker={"size": 13, "color": YOU, "line": {"color": "white", "width": 2}}))
+        data.append(_scatter(traj[:, 0], traj[:, 1], mode="lines+markers", name="your path",
+                             line={"color": YOU, "width": 1.5}, marker={"size": 5, "color": YOU},
+                             text=[f"after {i} clicks" for i in range(len(traj))], hoverinfo="text"))
+    cur = [float(latent["map"]["x"]), float(latent["map"]["y"])]
+    e = ellipse(cur, latent["cov"])  # (60, 2)
+    data.append(_scatter(e[:, 0], e[:, 1], mode="lines", fill="toself", fillcolor="rgba(106,61,154,0.15)",
+                         line={"color": "rgba(106,61,154,0.5)"}, name="uncertainty (1σ)", hoverinfo="skip"))
+    data.append(_scatter([cur[0]], [cur[1]], mode="markers", name="you (inferred)",
+                         marker={"size": 13, "color": YOU, "line": {"color": "white", "width": 2}}))
     if manual is not None:
-        fig.add_trace(go.Scatter(x=[manual[0]], y=[manual[1]], mode="markers", name="manual steering point",
-                                 meta="manual-point", marker={"size": 13, "symbol": "x", "color": "black"}))
+        data.append(_scatter([manual[0]], [manual[1]], mode="markers", name="manual steering point",
+                             meta="manual-point", marker={"size": 13, "symbol": "x", "color": "black"}))
     ax0, ax1 = axes[0], axes[1]
     l0 = axis_labels.get(ax0, ["−", "+"])
     l1 = axis_labels.get(ax1, ["−", "+"])
-    fig.update_layout(
-        height=height, margin={"l": 40, "r": 10, "t": 30, "b": 40}, **_LOOK,
-        xaxis={"range": [-1.45, 1.45], "title": {"text": f"← {l0[0]}   {ax0}   {l0[1]} →"}, "zeroline": True,
-               "fixedrange": True, **_GRID},
-        yaxis={"range": [-1.45, 1.45], "title": {"text": f"← {l1[0]}   {ax1}   {l1[1]} →"}, "zeroline": True,
-               "fixedrange": True, **_GRID},
-        legend={"orientation": "h", "y": -0.18},
-        title={"text": f"Behaviour map · {latent['n_clicks']} clicks", "x": 0.02},
-        hovermode="closest", dragmode=False)  # no zoom box: a press on the map is a click that steers
-    return fig
+    layout = {
+        "height": height, "margin": {"l": 40, "r": 10, "t": 30, "b": 40}, **_LOOK,
+        "shapes": [{"type": "rect", "x0": -MAP_LIMIT, "y0": -MAP_LIMIT, "x1": MAP_LIMIT, "y1": MAP_LIMIT,
+                    "layer": "below", "line": {"color": "rgba(0,0,0,0.45)", "width": 1.5, "dash": "dot"}}],
+        "xaxis": _axis(f"← {l0[0]}   {ax0}   {l0[1]} →", range=[-1.45, 1.45], zeroline=True, fixedrange=True,
+                       tickvals=_TICKS),
+        "yaxis": _axis(f"← {l1[0]}   {ax1}   {l1[1]} →", range=[-1.45, 1.45], zeroline=True, fixedrange=True,
+                       tickvals=_TICKS),
+        "legend": {"orientation": "h", "y": -0.18},
+        "title": {"text": f"Behaviour map · {latent['n_clicks']} clicks", "x": 0.02},
+        "hovermode": "closest", "dragmode": False}  # no zoom box: a press on the map is a click that steers
+    return {"data": data, "layout": layout}
 
 
-def learning_curve(latent: dict[str, Any], height: int = 300) -> go.Figure:
-    """Before each click, the model's probability of the choice you made; and the running accuracy."""
-    p = [v for v in latent.get("p_choice", []) if v is not None]
-    acc = latent.get("running_accuracy", [])
+def learning_curve(latent: dict[str, Any], height: int = 300) -> dict[str, Any]:
+    """Before each click, the model's probability of the choice you made; and the running accuracy
+    (a plotly figure spec, as `behaviour_map`)."""
+    p = [float(v) for v in latent.get("p_choice", []) if v is not None]
+    acc = [float(v) for v in latent.get("running_accuracy", [])]
     x = list(range(1, len(p) + 1))
-    fig = go.Figure()
-    fig.add_trace(go.Bar(x=x, y=p, name="P(your choice) before the click",
-                         marker={"color": ["#55A868" if v > 0.5 else "#C44E52" for v in p]}))
-    fig.add_trace(go.Scatter(x=x, y=acc, mode="lines+markers", name="running 'predicted your choice' rate",
-                             line={"color": "#333"}))
-    fig.add_hline(y=0.5, line={"dash": "dot", "color": "#888"})
-    fig.update_layout(height=height, margin={"l": 40, "r": 10, "t": 30, "b": 40}, **_LOOK,
-                      yaxis={"range": [0, 1.02], "title": {"text": "probability"}, **_GRID},
-                      xaxis={"title": {"text": "click"}, "dtick": 1 if len(x) <= 20 else None, **_GRID},
-                      legend={"orientation": "h", "y": -0.3},
-                      title={"text": "Learning curve" + (f" · predicted {100 * latent['accuracy']:.0f}% of your clicks"
-                                                          if latent.get("accuracy") is not None else ""), "x": 0.02})
-    return fig
+    data = [{"type": "bar", "x": x, "y": p, "name": "P(your choice) before the click",
+             "marker": {"color": ["#55A868" if v > 0.5 else "#C44E52" for v in p]}},
+            _scatter(x, acc, mode="lines+markers", name="running 'predicted your choice' rate", line={"color": "#333"})]
+    acc_txt = f" · predicted {100 * latent['accuracy']:.0f}% of your clicks" if latent.get("accuracy") is not None else ""
+    layout = {
+        "height": height, "margin": {"l": 40, "r": 10, "t": 30, "b": 40}, **_LOOK,
+        "shapes": [{"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "yref": "y", "y0": 0.5, "y1": 0.5,
+                    "line": {"dash": "dot", "color": "#888"}}],  # the 50 % line
+        "yaxis": _axis("probability", range=[0, 1.02]),
+        "xaxis": _axis("click", **({"dtick": 1} if len(x) <= 20 else {})),
+        "legend": {"orientation": "h", "y": -0.3},
+        "title": {"text": "Learning curve" + acc_txt, "x": 0.02}}
+    return {"data": data, "layout": layout}
 
 
 def meters_html(attributes: dict[str, float], axis_labels: dict[str, Sequence[str]], words: int | None = None) -> str:

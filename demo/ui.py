@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import gradio as gr
+from gradio.components.plot import PlotData
 
 from demo import plots
 from demo.handlers import DECODINGS, MAX_SEED, SAMPLE_TEMPERATURE, SAMPLE_TOP_P, DemoApp, DemoError, map_point
@@ -112,6 +113,12 @@ def configure_queue(demo: gr.Blocks) -> gr.Blocks:
     return demo.queue(default_concurrency_limit=CLICK_CONCURRENCY)
 
 
+def _plot(spec: dict) -> PlotData:
+    """A figure spec from demo.plots as gr.Plot's payload, serialised once with json (gr.Plot would
+    otherwise need a plotly Figure, whose construction validates every property: ~35 ms a figure)."""
+    return PlotData(type="plotly", plot=json.dumps(spec))
+
+
 def _md_answer(text: str) -> str:
     return html.escape(text).replace("\n", "  \n") if text else "…"
 
@@ -139,15 +146,15 @@ def build(app: DemoApp) -> gr.Blocks:
                   f"**{lat['nearest_archetype']}** · map position ({lat['map']['x']:+.2f}, {lat['map']['y']:+.2f})")
         if settled is not None:
             status += f" · the estimate settled after **{settled}** clicks"
-        fig_map = plots.behaviour_map(lat, app.bundle.archetypes, labels, axes, manual)
-        fig_curve = plots.learning_curve(lat)
+        fig_map = _plot(plots.behaviour_map(lat, app.bundle.archetypes, labels, axes, manual))
+        fig_curve = _plot(plots.learning_curve(lat))
         return prompt_md, a_md, b_md, pred, fig_map, fig_curve, status
 
     def manual_point(use_manual: bool, x: float, y: float) -> list[float] | None:
         return map_point(x, y, plots.MAP_STEP, plots.MAP_LIMIT) if use_manual else None
 
     def map_figure(state: dict | None, manual: list[float] | None):
-        return plots.behaviour_map(app.latent(state), app.bundle.archetypes, labels, axes, manual)
+        return _plot(plots.behaviour_map(app.latent(state), app.bundle.archetypes, labels, axes, manual))
 
     # -- UI events -------------------------------------------------------------------------------
     @_errors

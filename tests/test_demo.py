@@ -155,10 +155,14 @@ def test_map_point_rejects_bad_input(x, y, msg):
 
 
 def test_behaviour_map_has_a_click_layer_over_the_steerable_square(app):
+    import plotly.graph_objects as go
+
     from demo import plots
 
     lat = app.latent(None)
-    fig = plots.behaviour_map(lat, app.bundle.archetypes, app.map.axis_labels, app.bundle.axes, manual=[0.5, -0.3])
+    spec = plots.behaviour_map(lat, app.bundle.archetypes, app.map.axis_labels, app.bundle.axes, manual=[0.5, -0.3])
+    assert json.loads(json.dumps(spec)) == spec  # plain JSON, as the page receives it
+    fig = go.Figure(spec)  # raises on any property plotly does not know
     layer = fig.data[0]  # first, so every other trace is drawn above it
     assert layer.type == "heatmap" and layer.meta == plots.CLICK_TARGET and layer.hoverinfo != "skip"
     xs = np.asarray(layer.x)
@@ -169,6 +173,33 @@ def test_behaviour_map_has_a_click_layer_over_the_steerable_square(app):
     manual = [t for t in fig.data if t.meta == "manual-point"]
     assert len(manual) == 1 and (manual[0].x[0], manual[0].y[0]) == (0.5, -0.3)
     assert fig.layout.dragmode is False  # a press on the map is a click, not a zoom box
+
+
+def test_figure_specs_are_valid_plotly_and_follow_the_clicks(app):
+    import plotly.graph_objects as go
+
+    from demo import plots
+
+    _, st = app.next_pair(None)
+    for c in ("A", "B", "A"):
+        _, st = app.choose(c, st)
+        _, st = app.next_pair(st)
+    lat = app.latent(st)
+    curve = go.Figure(plots.learning_curve(lat))  # raises on any property plotly does not know
+    bars, rate = curve.data
+    assert bars.type == "bar" and len(bars.y) == 3 and list(bars.y) == [p for p in lat["p_choice"] if p is not None]
+    assert [c == "#55A868" for c in bars.marker.color] == [p > 0.5 for p in bars.y]
+    assert list(rate.y) == lat["running_accuracy"]
+    assert "predicted" in curve.layout.title.text
+    fig = go.Figure(plots.behaviour_map(lat, app.bundle.archetypes, app.map.axis_labels, app.bundle.axes))
+    you = [t for t in fig.data if t.name == "you (inferred)"]
+    assert len(you) == 1 and (you[0].x[0], you[0].y[0]) == (lat["map"]["x"], lat["map"]["y"])
+    path = [t for t in fig.data if t.name == "your path"]
+    assert len(path) == 1 and len(path[0].x) == len(lat["trajectory"]) == 4  # the prior, then one point a click
+    assert fig.layout.title.text.endswith("3 clicks")
+    assert not [t for t in fig.data if t.meta == "manual-point"]
+    empty = go.Figure(plots.learning_curve(app.latent(None)))
+    assert len(empty.data[0].y) == 0
 
 
 # -- API through gradio_client ---------------------------------------------------------------------

@@ -178,3 +178,29 @@ def test_state_dict_round_trip(engine):
     back = SessionState.from_dict(json.loads(json.dumps(s.to_dict())))
     assert back == s
     assert SessionState.from_dict(None) == SessionState()
+
+
+def test_posterior_cache_is_exact_bounded_and_not_shared_by_reference(engine):
+    s = _autopilot(engine, P.ARCHETYPES["casual texter"], 6, seed=3)
+    ans = s.answered
+    for prefixes in (False, True):
+        mean, std = engine._posteriors(s.clicks, prefixes=prefixes)
+        fresh = engine._encode(ans, prefixes)
+        torch.testing.assert_close(mean, fresh[0], rtol=0, atol=0)
+        torch.testing.assert_close(std, fresh[1], rtol=0, atol=0)
+    # skips do not change the key: the same answered clicks give the same posterior object
+    skipped = SessionState(clicks=[*s.clicks, {"pair": 0, "choice": "skip", "p_choice": None}])
+    assert engine._posteriors(skipped.clicks)[0] is engine._posteriors(s.clicks)[0]
+    # another order of the same clicks is another context: its own entry
+    rev = list(reversed(s.clicks))
+    assert engine._posteriors(rev)[0] is not engine._posteriors(s.clicks)[0]
+    # z_of hands out a copy, so a caller that writes into it cannot change what others get
+    z = engine.z_of(s)
+    z += 100.0
+    assert torch.allclose(engine.z_of(s), engine._encode(ans, False)[0][0])
+    # the cache stays bounded: the oldest entries go first
+    small = Engine(engine.reward, engine.map, engine.pool, (engine.emb_a, engine.emb_b), cache_size=3)
+    for k in range(1, 6):
+        small._posteriors(s.clicks[:k])
+    keys = [(False, tuple((c["pair"], c["choice"]) for c in s.clicks[:k] if c["choice"] != "skip")) for k in (3, 4, 5)]
+    assert list(small._cache) == keys

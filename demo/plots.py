@@ -19,6 +19,13 @@ CLICK_TARGET = "click-target"  # `meta` tag of the map's invisible click layer (
 MAP_STEP = 0.05  # resolution of a map click: the manual-steering sliders' step
 MAP_LIMIT = 1.0  # clicks and sliders cover [-MAP_LIMIT, MAP_LIMIT]^2
 
+# The figures' keys, as HTML under each plot (ui.py): a plotly legend is measured and laid out
+# again on every redraw, which cost the browser about 25 ms a click on a 2-core machine.
+MAP_KEY = (f"<span style='color:{YOU}'>●</span> you (inferred) · <span style='color:{YOU}'>—</span> your path · "
+           f"<span style='color:{YOU};opacity:.5'>■</span> uncertainty (1σ) · ★ archetypes · ✕ manual steering point")
+CURVE_KEY = ("<span style='color:#55A868'>■</span>/<span style='color:#C44E52'>■</span> P(your choice) before each "
+             "click (green: predicted right) · — running \"predicted your choice\" rate · ┈ chance")
+
 
 # A light look set directly on the layout: resolving a named template ("plotly_white") costs about
 # 20 ms per figure on a 2-core CPU, which a click that redraws two figures would pay every time.
@@ -93,14 +100,14 @@ def behaviour_map(latent: dict[str, Any], anchors: dict[str, Sequence[float]], a
     l0 = axis_labels.get(ax0, ["−", "+"])
     l1 = axis_labels.get(ax1, ["−", "+"])
     layout = {
-        "height": height, "margin": {"l": 40, "r": 10, "t": 30, "b": 40}, **_LOOK,
+        "height": height, "margin": {"l": 55, "r": 10, "t": 30, "b": 40}, **_LOOK,
         "shapes": [{"type": "rect", "x0": -MAP_LIMIT, "y0": -MAP_LIMIT, "x1": MAP_LIMIT, "y1": MAP_LIMIT,
                     "layer": "below", "line": {"color": "rgba(0,0,0,0.45)", "width": 1.5, "dash": "dot"}}],
         "xaxis": _axis(f"← {l0[0]}   {ax0}   {l0[1]} →", range=[-1.45, 1.45], zeroline=True, fixedrange=True,
                        tickvals=_TICKS),
         "yaxis": _axis(f"← {l1[0]}   {ax1}   {l1[1]} →", range=[-1.45, 1.45], zeroline=True, fixedrange=True,
                        tickvals=_TICKS),
-        "legend": {"orientation": "h", "y": -0.18},
+        "showlegend": False,  # the key is MAP_KEY under the plot: a plotly legend costs ~25 ms a redraw
         "title": {"text": f"Behaviour map · {latent['n_clicks']} clicks", "x": 0.02},
         "hovermode": "closest", "dragmode": False}  # no zoom box: a press on the map is a click that steers
     return {"data": data, "layout": layout}
@@ -122,7 +129,7 @@ def learning_curve(latent: dict[str, Any], height: int = 300) -> dict[str, Any]:
                     "line": {"dash": "dot", "color": "#888"}}],  # the 50 % line
         "yaxis": _axis("probability", range=[0, 1.02]),
         "xaxis": _axis("click", **({"dtick": 1} if len(x) <= 20 else {})),
-        "legend": {"orientation": "h", "y": -0.3},
+        "showlegend": False,  # the key is CURVE_KEY under the plot
         "title": {"text": "Learning curve" + acc_txt, "x": 0.02}}
     return {"data": data, "layout": layout}
 

@@ -43,6 +43,7 @@ STORAGE_KEY = "few-shot-alignment-session-v1"
 CLICK_CONCURRENCY = 2
 GENERATION_LANE = "generation"
 GENERATION_CONCURRENCY = 1
+AUTOPILOT_AT_POINT = "the manual steering point"  # autopilot choice: a simulated user at the sliders' point
 MAP_CLICK_ID = "map-click"  # the hidden button that carries a click on the map to the server
 
 # Clicking the map. gr.Plot has no click event, so a small script (run once when the page loads)
@@ -205,6 +206,8 @@ def build(app: DemoApp) -> gr.Blocks:
 
     @_errors
     def ui_autopilot(who, n, state, use_manual, x, y):
+        if who == AUTOPILOT_AT_POINT:  # a simulated user who stands at the manual-steering point
+            who = map_point(x, y, plots.MAP_STEP, plots.MAP_LIMIT)
         for _, state in app.autopilot(who, int(n), state):
             yield (state, state, *visuals(state, manual_point(use_manual, x, y)))
         _, state = app.next_pair(state)
@@ -345,10 +348,11 @@ def build(app: DemoApp) -> gr.Blocks:
                 status_md = gr.Markdown(elem_id="status")
             with gr.Column(scale=2):
                 map_plot = gr.Plot(label="Behaviour map", elem_id="map")
-                gr.Markdown("<small>Click anywhere in the dotted square to steer generation from that point "
-                            "(it sets the manual-steering sliders below).</small>", elem_id="map-hint")
+                gr.Markdown(f"<small>{plots.MAP_KEY}<br>Click anywhere in the dotted square to steer generation "
+                            "from that point (it sets the manual-steering sliders below).</small>", elem_id="map-hint")
                 map_click = gr.Button("Steer from the clicked point", visible="hidden", elem_id=MAP_CLICK_ID)
                 curve_plot = gr.Plot(label="Learning curve", elem_id="curve")
+                gr.Markdown(f"<small>{plots.CURVE_KEY}</small>", elem_id="curve-key")
 
         gr.Markdown("## Live generation")
         with gr.Row():
@@ -386,7 +390,9 @@ def build(app: DemoApp) -> gr.Blocks:
 
         with gr.Accordion("Autopilot: watch a simulated user click", open=False):
             with gr.Row():
-                who = gr.Dropdown(archetypes, value=archetypes[0], label="Simulated user")
+                who = gr.Dropdown([*archetypes, AUTOPILOT_AT_POINT], value=archetypes[0], label="Simulated user",
+                                  info="an archetype, or a user at the point set under Manual steering (or clicked on the map)",
+                                  elem_id="autopilot-who")
                 n_auto = gr.Slider(1, 30, 10, step=1, label="Clicks")
                 btn_auto = gr.Button("Run autopilot", elem_id="btn-autopilot")
 
@@ -417,11 +423,14 @@ def build(app: DemoApp) -> gr.Blocks:
         man = [use_manual, x, y]
         private = {"api_visibility": "private"}
         demo.load(ui_restore, [saved], [state, *vis], **private)
+        # A click's update takes well under a second: no spinner over its nine outputs, whose
+        # overlays the browser would otherwise draw and remove again on every click.
+        quick = {**private, "show_progress": "hidden"}
         for btn, ch in ((btn_a, "A"), (btn_b, "B"), (btn_skip, "skip")):
-            btn.click(functools.partial(ui_choose, ch), [state, *man], [state, saved, *vis], **private)
-        btn_next.click(ui_next, [state, mode, *man], [state, saved, *vis], **private)
-        btn_undo.click(ui_undo, [state, *man], [state, saved, *vis], **private)
-        btn_reset.click(ui_reset, [state, *man], [state, saved, *vis], **private)
+            btn.click(functools.partial(ui_choose, ch), [state, *man], [state, saved, *vis], **quick)
+        btn_next.click(ui_next, [state, mode, *man], [state, saved, *vis], **quick)
+        btn_undo.click(ui_undo, [state, *man], [state, saved, *vis], **quick)
+        btn_reset.click(ui_reset, [state, *man], [state, saved, *vis], **quick)
         mode.change(ui_mode, [mode, state], [state, saved], **private)
         btn_auto.click(ui_autopilot, [who, n_auto, state, *man], [state, saved, *vis], **private)
         # .input (the user's own moves) rather than .change, so a map click that sets all three

@@ -370,3 +370,19 @@ def test_model_dtype_bf16_for_smollm2_on_cpu_only(tmp_path):
     (smol / "bundle.json").write_text(json.dumps(meta))
     assert model_dtype(smol, "cpu") == torch.bfloat16
     assert model_dtype(tmp_path / "missing", "cpu") is None  # the loader names what is wrong
+
+
+def test_autopilot_at_the_manual_point_walks_towards_it(app):
+    from demo.ui import AUTOPILOT_AT_POINT, build
+
+    blocks = build(app)
+    fn = next(f.fn for f in blocks.fns.values() if getattr(f.fn, "__name__", "") == "ui_autopilot")
+    # the page's sliders say (+1, -1): a user who wants thorough, formal answers
+    *_, last = fn(AUTOPILOT_AT_POINT, 12, None, False, 1.0, -1.0)
+    lat = app.latent(last[0])
+    assert lat["n_clicks"] == 12 and lat["map"]["x"] > 0.3 and lat["map"]["y"] < -0.3
+    assert lat["nearest_archetype"] == "thorough analyst"
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="map point"):  # a bad point is refused before any click
+        next(iter(fn(AUTOPILOT_AT_POINT, 3, None, False, float("nan"), 0.0)))

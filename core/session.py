@@ -80,6 +80,7 @@ class Engine:
         self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self.cache_size = cache_size
+        self._feats: tuple[torch.Tensor, torch.Tensor] | None = None  # see _option_features
 
     @classmethod
     def from_bundle(cls, bundle, **kw) -> "Engine":
@@ -175,10 +176,29 @@ class Engine:
         idx = torch.arange(len(self.pool)) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
         g = torch.Generator().manual_seed(1234)
         z = mean + std * torch.randn(self.n_samples, *mean.shape[1:], generator=g)  # (S, d_z)
-        xa, xb = self.emb_a[idx][None], self.emb_b[idx][None]  # (1, R, d)
-        logit = self.reward.reward(xb, z) - self.reward.reward(xa, z)  # (S, R)
+        feats = self._option_features()
+        if feats is not None:  # bilinear head: r(x, z) = <h(x), u(z)> / sqrt(H), with h(x) computed once per pool
+            ha, hb = feats[0][idx], feats[1][idx]  # (R, H)
+            u = self.reward.z_proj(z)  # (S, H)
+            logit = (u @ (hb - ha).T) / math.sqrt(ha.shape[-1])  # (S, R)
+        else:
+            xa, xb = self.emb_a[idx][None], self.emb_b[idx][None]  # (1, R, d)
+            logit = self.reward.reward(xb, z) - self.reward.reward(xa, z)  # (S, R)
         p = torch.sigmoid(logit)
         return p.numpy() if samples else p.mean(0).numpy()
+
+    @torch.no_grad()
+    def _option_features(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The bilinear reward head's z-free half h(x) for every pool option, (P, H) each, computed
+        on first use (None for other heads). Every prediction and the informative next pair need
+        them for many pool rows at once, and they depend only on the shipped embeddings."""
+        r = self.reward
+        if not (r.cfg.is_np and r.cfg.decoder == "bilinear"):
+            return None
+        if self._feats is None:
+            h = [r.option_mlp(r.encoder.normalize(e[None]))[0] for e in (self.emb_a, self.emb_b)]  # (P, H) each
+            self._feats = (h[0], h[1])
+        return self._feats
 
     # -- pair selection --------------------------------------------------------------------
     def candidates(self, state: SessionState) -> np.ndarray:

@@ -204,3 +204,15 @@ def test_posterior_cache_is_exact_bounded_and_not_shared_by_reference(engine):
         small._posteriors(s.clicks[:k])
     keys = [(False, tuple((c["pair"], c["choice"]) for c in s.clicks[:k] if c["choice"] != "skip")) for k in (3, 4, 5)]
     assert list(small._cache) == keys
+
+
+def test_cached_option_features_give_the_reward_heads_own_predictions(engine):
+    s = _autopilot(engine, P.ARCHETYPES["thorough analyst"], 5, seed=1)
+    fast = engine.p_b(s, None, samples=True)  # (S, R) through the per-pool features
+    mean, std = engine._posteriors(s.clicks)
+    g = torch.Generator().manual_seed(1234)
+    z = mean + std * torch.randn(engine.n_samples, *mean.shape[1:], generator=g)
+    with torch.no_grad():
+        ref = torch.sigmoid(engine.reward.reward(engine.emb_b[None], z) - engine.reward.reward(engine.emb_a[None], z))
+    assert engine._feats is not None and fast.shape == tuple(ref.shape)
+    np.testing.assert_allclose(fast, ref.numpy(), atol=1e-5)

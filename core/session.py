@@ -27,7 +27,7 @@ PROFILE_FORMAT = "few-shot-alignment-profile"
 PROFILE_VERSION = 1
 MAX_PROFILE_BYTES = 256 * 1024
 MAX_CLICKS = 500
-POSTERIOR_CACHE = 1024  # posteriors kept, keyed by the answered clicks (a click asks for the same one 2-3 times)
+POSTERIOR_CACHE = 4096  # posteriors kept, keyed by the answered clicks (every prefix of every session's path)
 
 
 class SessionError(ValueError):
@@ -77,7 +77,7 @@ class Engine:
         self.axes = list(behaviour_map.axes)
         # q(z | clicks) is a pure function of the answered (pair, choice) sequence, so one cache serves
         # every user: a hit returns exactly what the encoder returned for that sequence before.
-        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # seq -> (1, d_z) x 2
         self._cache_lock = threading.Lock()
         self.cache_size = cache_size
         self._feats: tuple[torch.Tensor, torch.Tensor] | None = None  # see _option_features
@@ -89,35 +89,45 @@ class Engine:
     # -- posterior -------------------------------------------------------------------------
     @torch.no_grad()
     def _posteriors(self, clicks: Sequence[dict[str, Any]], prefixes: bool = False):
-        """(mean, std) of q(z | clicks), (1, d_z) each; with prefixes, for every prefix 0..n: (n + 1, d_z)."""
-        ans = [c for c in clicks if c["choice"] in ("A", "B")]
-        key = (prefixes, tuple((int(c["pair"]), c["choice"]) for c in ans))
-        with self._cache_lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
-        out = self._encode(ans, prefixes)
-        with self._cache_lock:
-            self._cache[key] = out
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return out
+        """(mean, std) of q(z | clicks), (1, d_z) each; with prefixes, for every prefix 0..n: (n + 1, d_z).
 
-    def _encode(self, ans: list[dict[str, Any]], prefixes: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One encoder pass over the answered clicks (see _posteriors)."""
+        Each prefix's posterior is cached under its answered (pair, choice) sequence, so a new
+        click costs one encoder pass however long the session is, and the trajectory reuses the
+        posteriors computed click by click. Missing prefixes are encoded together in one batch."""
+        ans = [c for c in clicks if c["choice"] in ("A", "B")]
         n = len(ans)
-        rows = torch.tensor([c["pair"] for c in ans], dtype=torch.long)
-        choice = torch.tensor([1.0 if c["choice"] == "B" else 0.0 for c in ans])
-        k = n + 1 if prefixes else 1
-        lens = torch.arange(k) if prefixes else torch.tensor([n])
+        seq = tuple((int(c["pair"]), c["choice"]) for c in ans)
+        lens = list(range(n + 1)) if prefixes else [n]
+        with self._cache_lock:
+            got = {k: self._cache.get(seq[:k]) for k in lens}
+            for k in lens:
+                if got[k] is not None:
+                    self._cache.move_to_end(seq[:k])
+        missing = [k for k in lens if got[k] is None]
+        if missing:
+            mean, std = self._encode(ans, missing)  # (len(missing), d_z) each
+            with self._cache_lock:
+                for i, k in enumerate(missing):
+                    got[k] = self._cache[seq[:k]] = (mean[i:i + 1], std[i:i + 1])
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        if not prefixes:
+            return got[n]
+        return torch.cat([got[k][0] for k in lens]), torch.cat([got[k][1] for k in lens])  # (n + 1, d_z) each
+
+    def _encode(self, ans: list[dict[str, Any]], lens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One encoder pass: q(z | the first k answered clicks) for every k in lens, (len(lens), d_z) each."""
+        n = max(lens)
+        rows = torch.tensor([c["pair"] for c in ans[:n]], dtype=torch.long)
+        choice = torch.tensor([1.0 if c["choice"] == "B" else 0.0 for c in ans[:n]])
+        k = len(lens)
         C = max(n, 1)
         a = torch.zeros(k, C, self.emb_a.shape[1])
         b = torch.zeros_like(a)
         ch = torch.zeros(k, C)
         if n:
             a[:, :n], b[:, :n], ch[:, :n] = self.emb_a[rows], self.emb_b[rows], choice
-        mask = torch.arange(C)[None, :] < lens[:, None]  # (k, C)
+        mask = torch.arange(C)[None, :] < torch.as_tensor(list(lens))[:, None]  # (k, C)
         q = self.reward.encoder(a, b, ch, mask)
         if isinstance(q, torch.Tensor):  # deterministic encoder: no uncertainty
             return q, torch.zeros_like(q)

@@ -6,6 +6,7 @@ import functools
 import html
 import inspect
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -109,8 +110,15 @@ def _errors(fn: Callable) -> Callable:
 
 
 
+# Gradio's queue rebuilds a pandas summary of its last 10,000 events (for its /monitoring page,
+# which this app does not enable) after every event by default: a groupby that grew to 5-10 % of
+# the server's CPU under 10 clicking users (py-spy). Once every ANALYTICS_EVERY events is plenty.
+ANALYTICS_EVERY = 1000
+
+
 def configure_queue(demo: gr.Blocks) -> gr.Blocks:
     """The queue settings app.py serves with (the tests use them too); see the notes above."""
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(ANALYTICS_EVERY))  # read when the queue is made
     return demo.queue(default_concurrency_limit=CLICK_CONCURRENCY)
 
 

@@ -386,3 +386,13 @@ def test_autopilot_at_the_manual_point_walks_towards_it(app):
 
     with pytest.raises(gr.Error, match="map point"):  # a bad point is refused before any click
         next(iter(fn(AUTOPILOT_AT_POINT, 3, None, False, float("nan"), 0.0)))
+
+
+def test_queue_settings(app, monkeypatch):
+    from demo.ui import ANALYTICS_EVERY, CLICK_CONCURRENCY, build, configure_queue
+
+    monkeypatch.delenv("GRADIO_ANALYTICS_CACHE_FREQUENCY", raising=False)
+    q = configure_queue(build(app))._queue
+    assert q.default_concurrency_limit == CLICK_CONCURRENCY
+    # gradio's per-event pandas summary (its /monitoring page) is rebuilt only every ANALYTICS_EVERY events
+    assert q.ANAYLTICS_CACHE_FREQUENCY == ANALYTICS_EVERY

@@ -183,11 +183,16 @@ def test_state_dict_round_trip(engine):
 def test_posterior_cache_is_exact_bounded_and_not_shared_by_reference(engine):
     s = _autopilot(engine, P.ARCHETYPES["casual texter"], 6, seed=3)
     ans = s.answered
-    for prefixes in (False, True):
-        mean, std = engine._posteriors(s.clicks, prefixes=prefixes)
-        fresh = engine._encode(ans, prefixes)
-        torch.testing.assert_close(mean, fresh[0], rtol=0, atol=0)
-        torch.testing.assert_close(std, fresh[1], rtol=0, atol=0)
+    mean, std = engine._posteriors(s.clicks)
+    fresh = engine._encode(ans, [len(ans)])
+    torch.testing.assert_close(mean, fresh[0], rtol=0, atol=0)
+    torch.testing.assert_close(std, fresh[1], rtol=0, atol=0)
+    # the trajectory from cached prefixes equals one batched pass over all prefixes
+    pm, ps = engine._posteriors(s.clicks, prefixes=True)
+    bm, bs = engine._encode(ans, list(range(len(ans) + 1)))
+    assert pm.shape == (len(ans) + 1, bm.shape[1])
+    torch.testing.assert_close(pm, bm, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ps, bs, rtol=0, atol=1e-5)
     # skips do not change the key: the same answered clicks give the same posterior object
     skipped = SessionState(clicks=[*s.clicks, {"pair": 0, "choice": "skip", "p_choice": None}])
     assert engine._posteriors(skipped.clicks)[0] is engine._posteriors(s.clicks)[0]
@@ -197,13 +202,13 @@ def test_posterior_cache_is_exact_bounded_and_not_shared_by_reference(engine):
     # z_of hands out a copy, so a caller that writes into it cannot change what others get
     z = engine.z_of(s)
     z += 100.0
-    assert torch.allclose(engine.z_of(s), engine._encode(ans, False)[0][0])
-    # the cache stays bounded: the oldest entries go first
-    small = Engine(engine.reward, engine.map, engine.pool, (engine.emb_a, engine.emb_b), cache_size=3)
-    for k in range(1, 6):
-        small._posteriors(s.clicks[:k])
-    keys = [(False, tuple((c["pair"], c["choice"]) for c in s.clicks[:k] if c["choice"] != "skip")) for k in (3, 4, 5)]
-    assert list(small._cache) == keys
+    assert torch.allclose(engine.z_of(s), fresh[0][0])
+    # a cold trajectory is one batched pass that fills every prefix; the cache stays bounded
+    small = Engine(engine.reward, engine.map, engine.pool, (engine.emb_a, engine.emb_b), cache_size=4)
+    cm, _ = small._posteriors(s.clicks, prefixes=True)
+    torch.testing.assert_close(cm, bm, rtol=0, atol=0)  # the same batch as above
+    seqs = [tuple((c["pair"], c["choice"]) for c in ans[:k]) for k in range(len(ans) + 1)]
+    assert list(small._cache) == seqs[-4:]  # the oldest entries went first
 
 
 def test_cached_option_features_give_the_reward_heads_own_predictions(engine):

@@ -99,13 +99,16 @@ def wait_http(url: str, proc: subprocess.Popen | None, timeout: float = 180.0) -
     raise RuntimeError(f"the app did not answer at {url} within {timeout:.0f} s")
 
 
-def start_app(app: Path, bundle: str | None, port: int, threads: int, log: Path) -> subprocess.Popen:
+def start_app(app: Path, bundle: str | None, port: int, threads: int, log: Path,
+              cpus: set[int] | None = None) -> subprocess.Popen:
+    """app.py in a subprocess; `cpus` pins it (and every thread it starts) to those CPUs."""
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(app), "--port", str(port), "--host", "127.0.0.1", "--threads", str(threads)]
     if bundle:
         cmd += ["--bundle", bundle]
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, preexec_fn=pin)
 
 
 class AppConfig:
@@ -326,13 +329,54 @@ def sse_streams(cfg: AppConfig, streams: int) -> Callable[[int, PageSession], di
     return task
 
 
-def browser_clicks(url: str, clicks: int) -> dict[str, list[float]]:
-    """One real page: click -> status and map redrawn (measured in the page with performance.now())."""
+# Installed before the page's own scripts: notes when each event's final message reaches the page
+# (Gradio reads its event stream with fetch), so a browser click splits into "received" (HTTP, the
+# queue and the server) and the rest (the page's own drawing: Svelte and plotly).
+RECEIVED_HOOK_JS = """
+(() => {
+  window.__fsaReceived = [];
+  const orig = window.fetch;
+  window.fetch = async function (...args) {
+    const r = await orig.apply(this, args);
+    const url = String((args[0] && args[0].url) || args[0]);
+    if (!url.includes('/queue/data') || !r.body) return r;
+    const [mine, theirs] = r.body.tee();
+    (async () => {
+      const rd = mine.getReader(), dec = new TextDecoder();
+      for (;;) {
+        const {value, done} = await rd.read();
+        if (done) break;
+        if (dec.decode(value, {stream: true}).includes('"process_completed"')) window.__fsaReceived.push(performance.now());
+      }
+    })();
+    return new Response(theirs, {headers: r.headers, status: r.status, statusText: r.statusText});
+  };
+})();
+"""
+
+
+def browser_clicks(url: str, clicks: int, cpus: set[int] | None = None) -> dict[str, list[float]]:
+    """One real page: click -> status and map redrawn (measured in the page with performance.now()),
+    and when the click's result reached the page. `cpus` pins Chromium to those CPUs (it inherits
+    the affinity of the thread that starts Playwright's driver)."""
+    from playwright.sync_api import sync_playwright
+
+    before = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        return _browser_clicks(url, clicks)
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _browser_clicks(url: str, clicks: int) -> dict[str, list[float]]:
     from playwright.sync_api import sync_playwright
 
     # textContent, not innerText: innerText makes the browser lay the page out, and this check runs
     # on every DOM mutation of the redraw (plotly makes many), which slowed the very redraw it timed.
     js = """async (n) => {
+        window.__fsaReceived = [];
         const t0 = performance.now();
         const ok = () => document.querySelector('#status').textContent.includes(n + ' clicks')
                          && document.querySelector('#map').textContent.includes('· ' + n + ' clicks');
@@ -343,22 +387,29 @@ def browser_clicks(url: str, clicks: int) -> dict[str, list[float]]:
         document.querySelector(n % 2 ? '#btn-a' : '#btn-b').click();
         await done;
         await new Promise((r) => requestAnimationFrame(() => r()));
-        return performance.now() - t0;
+        const drawn = performance.now() - t0;
+        const got = window.__fsaReceived.length ? window.__fsaReceived[0] - t0 : NaN;
+        await new Promise((r) => setTimeout(r, 250));  // plotly's deferred resize, before the next click
+        return [drawn, got];
     }"""
-    out: list[float] = []
+    out: dict[str, list[float]] = {"browser_click": [], "browser_received": [], "browser_render": []}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.add_init_script(RECEIVED_HOOK_JS)
         page.goto(url, wait_until="domcontentloaded")
         page.wait_for_selector("#map .js-plotly-plot", timeout=60_000)
         page.wait_for_function("document.querySelector('#answer-a') && "
                                "document.querySelector('#answer-a').innerText.length > 5", timeout=60_000)
         page.evaluate(js, 1)  # warm-up
         for n in range(2, clicks + 2):
-            out.append(page.evaluate(js, n))
+            drawn, got = page.evaluate(js, n)
+            out["browser_click"].append(drawn)
+            out["browser_received"].append(got)
+            out["browser_render"].append(drawn - got)
         browser.close()
-    return {"browser_click": out}
+    return out
 
 
 def engine_clicks(bundle: str | None, clicks: int, threads: int) -> dict[str, list[float]]:
@@ -393,6 +444,8 @@ METRICS = [  # key, what, via, unit, budget, limit, higher is better
     ("ui_click", "click: UI event (+ map, curve figures)", "SSE", "ms", CLICK, CLICK_BUDGET_MS, False),
     ("ui_server", "  of which server time (process_api)", "SSE", "ms", "", None, False),
     ("browser_click", "click: in the page, to status + map drawn", "browser", "ms", CLICK, CLICK_BUDGET_MS, False),
+    ("browser_received", "  of which until the update reached it", "browser", "ms", "", None, False),
+    ("browser_render", "  of which drawing it (Svelte, plotly)", "browser", "ms", "", None, False),
     ("ttft", "steered /generate: time to 1st token", "gradio_client", "ms", "", None, False),
     ("sse_ttft", "steered /generate: time to 1st token", "SSE", "ms", "", None, False),
     ("sse_tok_s", "steered /generate: tokens/s per stream", "SSE", "tok/s", f">= {TOKENS_BUDGET:.0f} (SmolLM2-135M)",
@@ -455,12 +508,22 @@ def main() -> None:
     ap.add_argument("--think", type=float, default=0.0,
                     help="seconds a user reads between clicks, on average (default 0: back to back, a stress test)")
     ap.add_argument("--no-browser", action="store_true", help="skip the Playwright click measurement")
+    ap.add_argument("--browser-cpu", type=int, default=None,
+                    help="give Chromium this CPU and the launched app the others, as when the browser runs on the "
+                         "user's own machine (default: all share every CPU)")
     ap.add_argument("--no-gradio-client", action="store_true", help="skip the gradio_client measurements (SSE only)")
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process (no HTTP) measurement")
     ap.add_argument("--json", type=Path, help="also write every number to this JSON file")
     args = ap.parse_args()
     if min(args.users) < 1 or args.clicks < 1 or args.streams < 1 or args.think < 0:
         ap.error("--users, --clicks and --streams must be at least 1, and --think not negative")
+    app_cpus = browser_cpus = None
+    if args.browser_cpu is not None:
+        cpus = os.sched_getaffinity(0)
+        if args.browser_cpu not in cpus or len(cpus) < 2:
+            ap.error(f"--browser-cpu {args.browser_cpu}: needs one of this process's CPUs {sorted(cpus)}, and another "
+                     "one left for the app")
+        browser_cpus, app_cpus = {args.browser_cpu}, cpus - {args.browser_cpu}
 
     from gradio_client import Client
 
@@ -479,7 +542,7 @@ def main() -> None:
         else:
             url = f"http://127.0.0.1:{free_port()}/"
             t = time.time()
-            proc = start_app(args.app, args.bundle, int(url.rsplit(":", 1)[1].strip("/")), args.threads, log)
+            proc = start_app(args.app, args.bundle, int(url.rsplit(":", 1)[1].strip("/")), args.threads, log, app_cpus)
             wait_http(url, proc)
             print(f"app up in {time.time() - t:.1f} s at {url} (log: {log})")
         wait_http(url, None)
@@ -509,7 +572,7 @@ def main() -> None:
                 m.update(r)
             if n == 1 and not args.no_browser:
                 if Path(CHROMIUM).exists():
-                    m.update(browser_clicks(url, args.clicks))
+                    m.update(browser_clicks(url, args.clicks, browser_cpus))
                 else:
                     print(f"({CHROMIUM} not found: no browser measurement)")
             raw[f"http/{n}"] = {"measurements": m, "wall_s": wall}
@@ -530,6 +593,7 @@ def main() -> None:
            "gradio": version("gradio"), "gradio_client": version("gradio_client"),
            "bundle": args.bundle or "app.py's default", "url": args.url or "launched app.py", "threads": args.threads,
            "clicks_per_user": args.clicks, "streams_per_user": args.streams, "think_s": args.think,
+           "browser_cpus": sorted(browser_cpus) if browser_cpus else "shared", "app_cpus": sorted(app_cpus) if app_cpus else "all",
            "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
            "queue": None if args.url else {"default_concurrency_limit": ui.CLICK_CONCURRENCY,
                                            "generation": {"concurrency_id": ui.GENERATION_LANE,
@@ -537,7 +601,7 @@ def main() -> None:
     print(f"\ndemo benchmark: {env['cpus']} CPUs (1-min load average {env['load_average_before_after'][0]} before, "
           f"{env['load_average_before_after'][1]} after), gradio {env['gradio']}, bundle {env['bundle']}, "
           f"{args.threads} torch thread(s); {args.clicks} clicks ({args.think:g} s apart) and {args.streams} "
-          f"streams per user")
+          f"streams per user; browser on {'CPU ' + str(args.browser_cpu) + ', app on the rest' if browser_cpus else 'the shared CPUs'}")
     if env["queue"]:
         q = env["queue"]
         print(f"queue: {q['default_concurrency_limit']} at once of each light event; every generation event in one "

@@ -71,3 +71,34 @@ def test_stream_benchmark_on_the_tiny_base(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"fp32", "bf16"} and "| bf16 |" in capsys.readouterr().out
     assert all(_positive(r["tokens_per_s"]) and _positive(r["ttft_ms"]) and r["tokens"] == 6 for r in rows.values())
+
+
+def test_demo_benchmark_runs_against_the_launched_app(tmp_path):
+    """benchmarks/demo.py end to end on persona-tiny: launches app.py, clicks over SSE (and in
+    Chromium where it is installed), streams one generation, writes every row."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    browser = shutil.which("chromium") is not None or os.environ.get("FSA_REQUIRE_BROWSER") == "1"
+    out = tmp_path / "demo.json"
+    cmd = [sys.executable, "benchmarks/demo.py", "--bundle", "assets/models/persona-tiny", "--users", "1",
+           "--clicks", "3", "--streams", "1", "--no-gradio-client", "--json", str(out)]
+    if not browser:
+        cmd.append("--no-browser")
+    r = subprocess.run(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    rows = {row["key"]: row for row in res["rows"]}
+    want = {"engine_click", "sse_choose", "ui_click", "ui_server", "sse_ttft", "sse_tok_s"}
+    if browser:
+        want |= {"browser_click", "browser_received", "browser_render"}
+    assert want <= set(rows), sorted(rows)
+    assert all(_positive(rows[k]["p50"]) for k in want)
+    if browser:  # the page got the update before it finished drawing it
+        assert rows["browser_received"]["p50"] < rows["browser_click"]["p50"]
+    assert res["env"]["browser_cpus"] == "shared" and res["env"]["queue"]["default_concurrency_limit"] == 2

@@ -54,13 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = {d: measure(args.base, d, args.tokens, args.repeats) for d in args.dtypes}
+    from demo.handlers import cpu_has_native_bf16
+
+    cpu = {"capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16()}
     print(f"steered streaming, batch 1, {args.base}, {args.threads} thread(s), {args.tokens} tokens, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}; CPU {cpu['capability']}, native bf16: {cpu['native_bf16']} "
+          "(the demo loads SmolLM2 in bf16 only then)")
     print("| dtype | time to first token | tokens/s (min) | budget |\n|---|---|---|---|")
     for d, r in rows.items():
         print(f"| {d} | {r['ttft_ms']:.0f} ms | {r['tokens_per_s']:.1f} ({r['tokens_per_s_min']:.1f}) | ≥ 25 (SmolLM2) |")
     if args.json:
-        args.json.write_text(json.dumps({"base": args.base, "threads": args.threads, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"base": args.base, "threads": args.threads, "cpu": cpu, "rows": rows}, indent=2))
     return 0
 
 

@@ -68,10 +68,36 @@ def resolve_bundle(arg: str | os.PathLike | None = None) -> Path:
     return default_bundle_dir()
 
 
+DTYPE_ENV = "FSA_DTYPE"  # auto (default) | float32 | bfloat16
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic in hardware (AVX512-BF16 or AMX tiles). Without it
+    torch emulates bf16 on the CPU, which is slower than fp32: SmolLM2-135M at batch 1, one thread,
+    gave 12.2 tokens/s in bf16 against 13.3 in fp32 (first token 1.34 s against 0.34 s) on an
+    AVX2-only AMD EPYC, where a CPU with AVX512-BF16 gave 28.9 against 21.3 (benchmarks/stream.py)."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        f = getattr(torch.cpu, probe, None)
+        try:
+            if f is not None and f():
+                return True
+        except RuntimeError:
+            continue
+    return False
+
+
 def model_dtype(bundle_dir: str | os.PathLike, device: str) -> torch.dtype | None:
-    """bf16 on a GPU that supports it, and for SmolLM2 on a CPU too: at batch 1 with one thread it
-    streams 28.9 tokens/s there against 21.3 in fp32 (benchmarks/stream.py, 2-core machine). The
-    tiny model stays fp32 on a CPU (None: the bundle's own dtype)."""
+    """The dtype the app loads a bundle in; None keeps the bundle's own (fp32).
+
+    $FSA_DTYPE (float32 | bfloat16) decides when set. Otherwise: bf16 on a GPU that supports it,
+    and for SmolLM2 on a CPU with native bf16 (cpu_has_native_bf16); the tiny model, and SmolLM2
+    on other CPUs, stay fp32."""
+    forced = os.environ.get(DTYPE_ENV, "auto").strip().lower()
+    if forced in DTYPES:
+        return DTYPES[forced]
+    if forced != "auto":
+        raise DemoError(f"${DTYPE_ENV} must be auto, float32 or bfloat16, got {forced!r}")
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     from core.bundle import BundleError, read_manifest
@@ -80,7 +106,7 @@ def model_dtype(bundle_dir: str | os.PathLike, device: str) -> torch.dtype | Non
         base = (read_manifest(bundle_dir).get("recipe") or {}).get("base")
     except BundleError:
         return None  # load_persona_bundle reports what is wrong with the folder
-    return torch.bfloat16 if base == "smol" else None
+    return torch.bfloat16 if base == "smol" and cpu_has_native_bf16() else None
 
 
 class DemoApp:

@@ -357,19 +357,30 @@ def test_browser_clicks_update_map_and_curve_and_generation_streams(server, app,
     assert (shots / "demo.png").stat().st_size > 10_000
 
 
-def test_model_dtype_bf16_for_smollm2_on_cpu_only(tmp_path):
+def test_model_dtype_bf16_for_smollm2_only_where_the_cpu_has_bf16(tmp_path, monkeypatch):
     import torch
 
-    from demo.handlers import model_dtype
+    import demo.handlers as H
+    from demo.handlers import DemoError, model_dtype
 
-    assert model_dtype(TINY, "cpu") is None  # the tiny model stays fp32
+    monkeypatch.delenv(H.DTYPE_ENV, raising=False)
     smol = tmp_path / "persona-smol"
     smol.mkdir()
     meta = json.loads((TINY / "bundle.json").read_text())
     meta["recipe"] = {**meta["recipe"], "base": "smol"}
     (smol / "bundle.json").write_text(json.dumps(meta))
-    assert model_dtype(smol, "cpu") == torch.bfloat16
-    assert model_dtype(tmp_path / "missing", "cpu") is None  # the loader names what is wrong
+    for native in (True, False):
+        monkeypatch.setattr(H, "cpu_has_native_bf16", lambda: native)
+        assert model_dtype(TINY, "cpu") is None  # the tiny model stays fp32
+        assert model_dtype(smol, "cpu") == (torch.bfloat16 if native else None)  # emulated bf16 is slower
+        assert model_dtype(tmp_path / "missing", "cpu") is None  # the loader names what is wrong
+    monkeypatch.setenv(H.DTYPE_ENV, "bfloat16")
+    assert model_dtype(TINY, "cpu") == torch.bfloat16
+    monkeypatch.setenv(H.DTYPE_ENV, "float32")
+    assert model_dtype(smol, "cpu") == torch.float32
+    monkeypatch.setenv(H.DTYPE_ENV, "fp8")
+    with pytest.raises(DemoError, match="FSA_DTYPE"):
+        model_dtype(smol, "cpu")
 
 
 def test_autopilot_at_the_manual_point_walks_towards_it(app):

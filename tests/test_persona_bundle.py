@@ -244,3 +244,20 @@ def test_shipped_smol_bundle_loads_with_smollm2_and_steers():
     z = torch.as_tensor(b.map.to_z(np.array([[-1.0, -1.0], [1.0, 1.0]])), dtype=torch.float32)
     terse, thorough = b.policy.generate(["How do I get better sleep?"] * 2, z, max_new_tokens=40)
     assert terse and thorough and terse != thorough
+
+
+def test_recipe_overrides_are_typed_and_bad_ones_are_refused(capsys):
+    from core.recipes.persona import RecipeConfig, main, with_overrides
+
+    cfg = with_overrides(RecipeConfig.for_base("tiny"), ["sft_weight=0", "policy_steps=600", "length_normalize=false",
+                                                         "embedder=minilm"])
+    assert (cfg.sft_weight, cfg.policy_steps, cfg.length_normalize, cfg.embedder) == (0.0, 600, False, "minilm")
+    assert isinstance(cfg.sft_weight, float) and isinstance(cfg.policy_steps, int)
+    assert with_overrides(cfg, []) == cfg
+    for bad, msg in (("policy_steps=many", "must be int"), ("nosuch=1", "FIELD one of"), ("sft_weight", "FIELD=VALUE"),
+                     ("seed=3", "are flags"), ("length_normalize=maybe", "must be bool")):
+        with pytest.raises(ValueError, match=msg):
+            with_overrides(cfg, [bad])
+    with pytest.raises(SystemExit):  # the CLI names the problem before building anything
+        main(["--base", "tiny", "--out", "/nonexistent/x", "--set", "policy_steps=many"])
+    assert "policy_steps must be int" in capsys.readouterr().err

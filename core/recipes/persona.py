@@ -27,6 +27,7 @@ one `bundle.json` manifest (kind "persona") that hashes every file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -83,6 +84,30 @@ class RecipeConfig:
             return cls(base="smol", seed=seed, pairs_per_request=12, reward_steps=600, policy_steps=300, policy_batch=2,
                        policy_targets=4, policy_lr=5e-4, embedder="minilm")
         raise ValueError(f"--base must be tiny or smol, got {base!r}")
+
+
+def with_overrides(cfg: RecipeConfig, items: list[str]) -> RecipeConfig:
+    """cfg with FIELD=VALUE overrides applied, each VALUE parsed as the field's own type."""
+    fields = {f.name: f for f in dataclasses.fields(RecipeConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields or key in ("base", "seed"):
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{', '.join(k for k in fields if k not in ('base', 'seed'))} (--base and --seed are flags)")
+        kind = type(getattr(cfg, key))
+        try:
+            if kind is bool:
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                value: Any = raw.lower() in ("true", "1")
+            else:
+                value = kind(raw)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {key} must be {kind.__name__}, got {raw!r}") from None
+        out[key] = value
+    return dataclasses.replace(cfg, **out)
 
 
 def log(msg: str) -> None:
@@ -279,8 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=("np-dpo", "dpo"),
                     help="train just this policy stage (and the stages it needs) into the work folder, then stop; "
                          "two processes, one per policy, train both in parallel, and a later full run uses them")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a RecipeConfig field, e.g. --set sft_weight=0 --set policy_steps=600 (repeatable); "
+                         "a work folder holds the stages of one setting, so give each setting its own --work")
     args = ap.parse_args(argv)
-    cfg = RecipeConfig.for_base(args.base, args.seed)
+    try:
+        cfg = with_overrides(RecipeConfig.for_base(args.base, args.seed), args.set)
+    except ValueError as e:
+        ap.error(str(e))
     work = args.work or args.out.parent / f"{args.out.name}.work"
     if args.only:
         pairs, emb, reward_dir = stage_inputs(cfg, work)

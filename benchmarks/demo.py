@@ -359,8 +359,6 @@ def browser_clicks(url: str, clicks: int, cpus: set[int] | None = None) -> dict[
     """One real page: click -> status and map redrawn (measured in the page with performance.now()),
     and when the click's result reached the page. `cpus` pins Chromium to those CPUs (it inherits
     the affinity of the thread that starts Playwright's driver)."""
-    from playwright.sync_api import sync_playwright
-
     before = os.sched_getaffinity(0)
     if cpus:
         os.sched_setaffinity(0, cpus)

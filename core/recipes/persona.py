@@ -88,14 +88,14 @@ class RecipeConfig:
 
 def with_overrides(cfg: RecipeConfig, items: list[str]) -> RecipeConfig:
     """cfg with FIELD=VALUE overrides applied, each VALUE parsed as the field's own type."""
-    fields = {f.name: f for f in dataclasses.fields(RecipeConfig)}
+    names = [f.name for f in dataclasses.fields(RecipeConfig) if f.name not in ("base", "seed")]  # those two are flags
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
-        if not sep or key not in fields or key in ("base", "seed"):
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
-                             f"{', '.join(k for k in fields if k not in ('base', 'seed'))} (--base and --seed are flags)")
+        if not sep or key not in names:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(names)} "
+                             "(--base and --seed are flags)")
         kind = type(getattr(cfg, key))
         try:
             if kind is bool:

@@ -201,6 +201,9 @@ def save_policy_bundle(path: str | os.PathLike, policy, meta: dict[str, Any], in
     tensors = {g: {k[len(g) + 1:]: v for k, v in state.items() if k.startswith(g + ".")} for g in ("film", "encoder")}
     tensors = {g: t for g, t in tensors.items() if t}
     peft_cfg = policy.lm.peft_config["default"].to_dict()
+    # peft records the local folder the base was loaded from: name the base instead, so that a
+    # bundle's bytes do not depend on where it was built (bundle.json says how to get the base)
+    peft_cfg["base_model_name_or_path"] = (meta.get("base") or {}).get("name")
     files = {"adapter/adapter_model.safetensors": tensors_to_bytes(lora),
              "adapter/adapter_config.json": (json.dumps(peft_cfg, indent=2, sort_keys=True, default=sorted) + "\n").encode()}
     if include_base:

@@ -249,9 +249,9 @@ def test_shipped_smol_bundle_loads_with_smollm2_and_steers():
 def test_recipe_overrides_are_typed_and_bad_ones_are_refused(capsys):
     from core.recipes.persona import RecipeConfig, main, with_overrides
 
-    cfg = with_overrides(RecipeConfig.for_base("tiny"), ["sft_weight=0", "policy_steps=600", "length_normalize=false",
+    cfg = with_overrides(RecipeConfig.for_base("tiny"), ["sft_weight=0.5", "policy_steps=600", "length_normalize=false",
                                                          "embedder=minilm"])
-    assert (cfg.sft_weight, cfg.policy_steps, cfg.length_normalize, cfg.embedder) == (0.0, 600, False, "minilm")
+    assert (cfg.sft_weight, cfg.policy_steps, cfg.length_normalize, cfg.embedder) == (0.5, 600, False, "minilm")
     assert isinstance(cfg.sft_weight, float) and isinstance(cfg.policy_steps, int)
     assert with_overrides(cfg, []) == cfg
     for bad, msg in (("policy_steps=many", "must be int"), ("nosuch=1", "FIELD one of"), ("sft_weight", "FIELD=VALUE"),
@@ -261,3 +261,17 @@ def test_recipe_overrides_are_typed_and_bad_ones_are_refused(capsys):
     with pytest.raises(SystemExit):  # the CLI names the problem before building anything
         main(["--base", "tiny", "--out", "/nonexistent/x", "--set", "policy_steps=many"])
     assert "policy_steps must be int" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["persona-tiny", "persona-smol"])
+def test_shipped_bundles_record_the_recipe_that_rebuilds_them(name):
+    """`python -m core.recipes.persona --base B --out DIR` (no --set) must rebuild what ships."""
+    from dataclasses import asdict
+
+    from core.recipes.persona import RecipeConfig
+
+    path = TINY.parent / name
+    if not (path / "bundle.json").is_file():
+        pytest.skip(f"assets/models/{name} not built")
+    recipe = json.loads((path / "bundle.json").read_text())["recipe"]
+    assert asdict(RecipeConfig.for_base(recipe["base"], recipe["seed"])) == recipe

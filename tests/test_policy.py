@@ -362,7 +362,11 @@ def test_dpo_baseline_has_no_encoder_and_tampered_bundles_fail(tmp_path, tok):
 
 def test_policy_bundle_names_missing_and_unexpected_keys(tmp_path, tok):
     policy = make_policy("qwen2", tok)
-    save_policy_bundle(tmp_path / "b", policy, {"base": {"kind": "test"}, "model": "np-dpo"}, include_base=True)
+    save_policy_bundle(tmp_path / "b", policy, {"base": {"kind": "test", "name": "tiny-qwen2"}, "model": "np-dpo"},
+                       include_base=True)
+    # peft's record of the folder the base came from is replaced by the base's name: no build path
+    assert json.loads((tmp_path / "b" / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == "tiny-qwen2"
     from core.bundle import read_manifest, save_bundle, read_file_checked
 
     meta = read_manifest(tmp_path / "b")

@@ -78,7 +78,10 @@ class RecipeConfig:
     @classmethod
     def for_base(cls, base: str, seed: int = 0) -> "RecipeConfig":
         if base == "tiny":
-            return cls(base="tiny", seed=seed)
+            # Measured on the tiny world (README): without the SFT term NP-DPO's implicit reward
+            # scores ~4 points higher and its generations steer more; 600 LM steps instead of 300
+            # take the LM's loss from 2.6 to 1.9 (more coherent answers) for ~2 more build minutes.
+            return cls(base="tiny", seed=seed, lm_steps=600, sft_weight=0.0)
         if base == "smol":
             # smol keeps plain MiniLM: its CPU build (hours) started before the style features existed
             return cls(base="smol", seed=seed, pairs_per_request=12, reward_steps=600, policy_steps=300, policy_batch=2,

@@ -95,8 +95,14 @@ class FiLMConfig:
     hidden_size: int
     n_layers: int  # blocks in the base model
     layers: list[int] | None = None  # which blocks to modulate (negative counts from the end); None = all
+    lora_gates: int = 0  # LoRA modules whose rank components z gates (0 = none; see FiLM)
+    lora_rank: int = 0  # their rank r
+    gate_init_std: float = 0.0  # std of the gates' initial weights (the policy is still the base: LoRA's B is 0)
 
     def __post_init__(self) -> None:
+        if (self.lora_gates > 0) != (self.lora_rank > 0) or self.lora_gates < 0 or self.lora_rank < 0:
+            raise ValueError(f"FiLM lora_gates ({self.lora_gates}) and lora_rank ({self.lora_rank}) must both be "
+                             "positive or both 0")
         if self.layers is not None:
             idx = [i % self.n_layers if -self.n_layers <= i < self.n_layers else None for i in self.layers]
             if None in idx or len(set(idx)) != len(idx):
@@ -112,7 +118,17 @@ class FiLMConfig:
 
 
 class FiLM(nn.Module):
-    """γ(z), β(z) for each modulated block, applied by forward hooks (exact identity at init)."""
+    """γ(z), β(z) for each modulated block, applied by forward hooks (exact identity at init).
+
+    Optionally z also gates LoRA (cfg.lora_gates > 0): a gated module's update becomes
+    B·diag(1 + G_k z)·A x, so each of its r rank-one components is scaled by its own linear
+    function of z and the weight update itself depends on the user, not only the residual
+    stream. G_k starts at zero (a gated LoRA is then the plain LoRA), or random with
+    cfg.gate_init_std > 0: each user starts with its own mix of rank components, and since LoRA's
+    up-projection B starts at zero the policy is still exactly the base (zero gates get no gradient
+    until B has grown). A gated policy cannot fold LoRA into the base weights (the update differs
+    per row).
+    """
 
     def __init__(self, cfg: FiLMConfig) -> None:
         super().__init__()
@@ -121,18 +137,35 @@ class FiLM(nn.Module):
         # One affine map per block: rows [0:H] give γ - 1, rows [H:2H] give β. Zero = identity.
         self.weight = nn.Parameter(torch.zeros(L, 2 * H, cfg.d_z))
         self.bias = nn.Parameter(torch.zeros(L, 2 * H))
-        self._active: torch.Tensor | None = None  # (L, B, 2H) while conditioned
+        if cfg.lora_gates:
+            gw = torch.zeros(cfg.lora_gates, cfg.lora_rank, cfg.d_z)  # (G, r, d_z)
+            if cfg.gate_init_std > 0:
+                gw.normal_(0.0, cfg.gate_init_std)
+            self.gate_weight = nn.Parameter(gw)
+        self._active: torch.Tensor | None = None  # (B, F) while conditioned; F = L·2H + G·r
         self._ready: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gates_ready: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
+    @property
+    def gated(self) -> bool:
+        return self.cfg.lora_gates > 0
+
     def factors(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (B, d_z) -> (L, B, 2H): [γ - 1 ‖ β] per modulated block and row."""
-        return torch.einsum("lod,bd->lbo", self.weight, z.to(self.weight.dtype)) + self.bias[:, None, :]
+        """z: (B, d_z) -> (B, F): per row, [γ - 1 ‖ β] of each modulated block (L·2H), then the
+        LoRA gates minus one (G·r). Rows can be taken from it (f[rows]) like any batch."""
+        z = z.to(self.weight.dtype)
+        film = torch.einsum("lod,bd->blo", self.weight, z) + self.bias  # (B, L, 2H)
+        parts = [film.flatten(1)]  # (B, L·2H)
+        if self.gated:
+            parts.append(torch.einsum("grd,bd->bgr", self.gate_weight, z).flatten(1))  # (B, G·r)
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]  # (B, F)
 
     def set_factors(self, f: torch.Tensor | None) -> None:
-        """Set the active [γ - 1 ‖ β] (L, B, 2H) directly (None = off); `condition` is the usual way."""
+        """Set the active factors (B, F) of `factors` directly (None = off); `condition` is the usual way."""
         self._active = f
         self._ready = {}
+        self._gates_ready = {}
 
     def _scale_shift(self, j: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 + γ_j), β_j as contiguous (B, 1, H) tensors in the hidden states' dtype, made once per z.
@@ -142,20 +175,53 @@ class FiLM(nn.Module):
         """
         key = (j, dtype)
         if key not in self._ready:
-            g, b = self._active[j].chunk(2, -1)  # 2 x (B, H)
+            H = self.cfg.hidden_size
+            g, b = self._active[:, 2 * H * j:2 * H * (j + 1)].chunk(2, -1)  # 2 x (B, H)
             self._ready[key] = ((1 + g).to(dtype).unsqueeze(1).contiguous(), b.to(dtype).unsqueeze(1).contiguous())
         return self._ready[key]
 
-    def attach(self, model: nn.Module) -> "FiLM":
-        """Register the hooks on `model`'s decoder layers (once)."""
+    def _gate(self, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """1 + G_k z as a contiguous (B, 1, r) tensor, made once per z."""
+        key = (k, dtype)
+        if key not in self._gates_ready:
+            r, off = self.cfg.lora_rank, 2 * self.cfg.hidden_size * len(self.cfg.modulated())
+            g = self._active[:, off + r * k:off + r * (k + 1)]  # (B, r)
+            self._gates_ready[key] = (1 + g).to(dtype).unsqueeze(1).contiguous()
+        return self._gates_ready[key]
+
+    def attach(self, model: nn.Module, lora_a: list[nn.Module] | None = None) -> "FiLM":
+        """Register the hooks on `model`'s decoder layers (once), and on the gated LoRA down-projections
+        `lora_a` (cfg.lora_gates of them, in a fixed order) when the config gates LoRA."""
         if self._handles:
             raise RuntimeError("FiLM is already attached; call detach() first")
         layers = find_decoder_layers(model)
         if len(layers) != self.cfg.n_layers:
             raise ValueError(f"FiLM was built for {self.cfg.n_layers} blocks, the model has {len(layers)}")
+        if len(lora_a or []) != self.cfg.lora_gates:
+            raise ValueError(f"FiLM was built to gate {self.cfg.lora_gates} LoRA modules, got {len(lora_a or [])}")
         for j, i in enumerate(self.cfg.modulated()):
             self._handles.append(layers[i].register_forward_hook(self._hook(j)))
+        for k, m in enumerate(lora_a or []):
+            if getattr(m, "out_features", self.cfg.lora_rank) != self.cfg.lora_rank:
+                raise ValueError(f"LoRA module {k} has rank {m.out_features}, FiLM gates rank {self.cfg.lora_rank}")
+            self._handles.append(m.register_forward_hook(self._gate_hook(k)))
         return self
+
+    @staticmethod
+    def _rows_for(h: torch.Tensor, f: torch.Tensor, what: str) -> torch.Tensor:
+        """f (Bz, 1, D) repeated to h's batch of rows: generate() may expand rows (num_return_sequences)."""
+        if h.shape[0] == f.shape[0]:
+            return f
+        if h.shape[0] % f.shape[0]:
+            raise ValueError(f"FiLM: {f.shape[0]} latents for a batch of {h.shape[0]} rows ({what})")
+        return f.repeat_interleave(h.shape[0] // f.shape[0], 0)
+
+    def _gate_hook(self, k: int):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor):
+            if self._active is None:
+                return out
+            return out * self._rows_for(out, self._gate(k, out.dtype), "LoRA gate")  # (B, T, r)
+        return hook
 
     def detach(self) -> None:
         for h in self._handles:
@@ -169,11 +235,7 @@ class FiLM(nn.Module):
                 return out
             h = out[0] if isinstance(out, tuple) else out  # (B, T, H)
             g, b = self._scale_shift(j, h.dtype)  # 2 x (Bz, 1, H)
-            if h.shape[0] != g.shape[0]:  # generate() may expand rows (num_return_sequences)
-                if h.shape[0] % g.shape[0]:
-                    raise ValueError(f"FiLM: {g.shape[0]} latents for a batch of {h.shape[0]} rows")
-                rep = h.shape[0] // g.shape[0]
-                g, b = g.repeat_interleave(rep, 0), b.repeat_interleave(rep, 0)
+            g, b = self._rows_for(h, g, "block"), self._rows_for(h, b, "block")  # 2 x (B, 1, H)
             h = torch.addcmul(b, h, g)  # (B, T, H): (1 + γ) ⊙ h + β
             return (h, *out[1:]) if isinstance(out, tuple) else h
         return hook

@@ -51,11 +51,17 @@ class PolicyConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: list[str] | None = None  # None: q_proj, v_proj (c_attn for GPT-2)
+    lora_gates: bool = False  # NP-DPO: z also gates LoRA's rank components (core.film.FiLM); no merging
+    lora_gate_init_std: float = 0.0  # core.film.FiLMConfig.gate_init_std
     beta: float = 0.05
     max_prompt_tokens: int = 256  # longer prompts keep their last tokens
     max_response_tokens: int = 256  # longer responses keep their first tokens (and lose the end marker)
     cache_reference: bool = True  # reference log-probs computed once per response
     gradient_checkpointing: bool = False
+    # > 0: score a training batch's sequences in length-sorted groups of this many rows, so short
+    # answers are not padded to the longest one (the same log-probs, less compute on CPUs). Off
+    # (0) under gradient checkpointing, whose recomputation needs one FiLM state for the whole batch.
+    length_group_rows: int = 0
     freeze_encoder: bool = False  # e.g. after a warm start from an NP-BTL bundle
     sft_weight: float = 0.0  # > 0 adds λ·(per-token NLL of the chosen response | z) to the DPO loss
     # Length-normalised implicit reward: β·L̄·(mean per-token log-ratio) instead of β·(sum). The sum
@@ -63,6 +69,9 @@ class PolicyConfig:
     # little, a bias toward short answers that a user's z then has to fight; L̄ keeps β's scale.
     length_normalize: bool = False
     length_scale: float = 64.0  # L̄, in response tokens
+    # The normaliser is (n / L̄)^length_power: 1 = the mean per-token log-ratio (times L̄), 0 = the
+    # sum; in between, a longer answer keeps part of the sum's weight.
+    length_power: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
@@ -76,6 +85,12 @@ class PolicyConfig:
             raise ValueError(f"embedder must be {', '.join(TEXT_EMBEDDERS)} or base, got {self.embedder!r}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.lora_gates and not self.conditioned:
+            raise ValueError("lora_gates needs a conditioned policy (NP-DPO): the DPO baseline has no z")
+        if not 0 <= self.length_power <= 1:
+            raise ValueError(f"length_power must be in [0, 1], got {self.length_power}")
+        if self.length_group_rows < 0:
+            raise ValueError(f"length_group_rows must be >= 0, got {self.length_group_rows}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -269,8 +284,11 @@ class SteerablePolicy(nn.Module):
             self.lm.get_base_model().enable_input_require_grads()
         if cfg.conditioned:
             layers = find_decoder_layers(self.lm)
-            self.film: FiLM | None = FiLM(FiLMConfig(cfg.d_z, hidden_size(lm), len(layers), cfg.film_layers))
-            self.film.attach(self.lm)
+            lora_a = [m["default"] for n, m in self.lm.named_modules() if n.endswith(".lora_A")] if cfg.lora_gates else []
+            self.film: FiLM | None = FiLM(FiLMConfig(cfg.d_z, hidden_size(lm), len(layers), cfg.film_layers,
+                                                     lora_gates=len(lora_a), lora_rank=cfg.lora_r if lora_a else 0,
+                                                     gate_init_std=cfg.lora_gate_init_std if lora_a else 0.0))
+            self.film.attach(self.lm, lora_a)
             self.encoder: ContextEncoder | None = ContextEncoder(cfg.encoder)
             if cfg.freeze_encoder:
                 self.encoder.requires_grad_(False)
@@ -304,9 +322,10 @@ class SteerablePolicy(nn.Module):
 
     def merge_for_inference(self) -> "SteerablePolicy":
         """Fold LoRA into the base weights (reversibly) for faster generation; training and the
-        reference still work (the reference unmerges for its duration)."""
+        reference still work (the reference unmerges for its duration). A policy whose z gates
+        LoRA keeps it unmerged: its update differs per row."""
         with self._lock:
-            if not self.merged:
+            if not self.merged and not (self.film is not None and self.film.gated):
                 self.lm.merge_adapter()
         return self
 
@@ -422,23 +441,43 @@ class SteerablePolicy(nn.Module):
         """β[(log π_b − log ref_b) − (log π_a − log ref_a)] per target pair, (R,)
         (and the policy's log-probs (2R,) with return_logprobs)."""
         ref = inp.ref if inp.ref is not None else self.reference_logprobs(inp.seqs)  # (2R,)
+        factors = None
         if self.film is not None:
             z = self.latent(inp.context_a, inp.context_b, inp.context_choice, inp.context_mask)  # (B, d_z)
             zr = z[inp.row_task]  # (R, d_z)
-            # Set, not a context block: gradient checkpointing re-runs the hooks during backward.
-            self.film.set_factors(self.film.factors(torch.cat([zr, zr])))  # (L, 2R, 2H)
+            factors = self.film.factors(torch.cat([zr, zr]))  # (2R, F)
+        group = self.cfg.length_group_rows if not self.cfg.gradient_checkpointing else 0
         try:
-            lp = self.sequence_logprobs(inp.seqs)  # (2R,)
+            if group and 0 < group < inp.seqs.input_ids.shape[0]:
+                lp = self._grouped_logprobs(inp.seqs, factors, group)  # (2R,)
+            else:
+                if factors is not None:
+                    # Set, not a context block: gradient checkpointing re-runs the hooks during backward.
+                    self.film.set_factors(factors)
+                lp = self.sequence_logprobs(inp.seqs)  # (2R,)
         finally:
             if self.film is not None and not (self.training and self.cfg.gradient_checkpointing):
                 self.film.set_factors(None)
         d = lp - ref  # (2R,)
         if self.cfg.length_normalize:
             n_tok = inp.seqs.response_mask.sum(1).clamp_min(1).to(d.dtype)  # (2R,)
-            d = d / n_tok * self.cfg.length_scale  # (2R,)
+            d = d / (n_tok / self.cfg.length_scale) ** self.cfg.length_power  # (2R,)
         d_a, d_b = d.chunk(2)  # 2 x (R,)
         logit = self.cfg.beta * (d_b - d_a)
         return (logit, lp) if return_logprobs else logit
+
+    def _grouped_logprobs(self, s: Sequences, factors: torch.Tensor | None, group: int) -> torch.Tensor:
+        """sequence_logprobs of s (N,), computed over length-sorted groups of `group` rows, each
+        trimmed to its own longest row and conditioned on its rows' FiLM factors (N, F)."""
+        order = torch.argsort(s.attention_mask.sum(1), stable=True)  # (N,) shortest first
+        parts = []
+        for i in range(0, len(order), group):
+            rows = order[i:i + group]  # (g,)
+            if factors is not None:
+                self.film.set_factors(factors[rows])  # (g, F)
+            parts.append(self.sequence_logprobs(_trim(Sequences(s.input_ids[rows], s.attention_mask[rows],
+                                                                s.response_mask[rows]))))  # (g,)
+        return torch.cat(parts).index_select(0, torch.argsort(order))  # (N,) back in the batch's order
 
     # -- generation ------------------------------------------------------------------------
     def _prompt_batch(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -261,6 +261,14 @@ def test_recipe_overrides_are_typed_and_bad_ones_are_refused(capsys):
     with pytest.raises(SystemExit):  # the CLI names the problem before building anything
         main(["--base", "tiny", "--out", "/nonexistent/x", "--set", "policy_steps=many"])
     assert "policy_steps must be int" in capsys.readouterr().err
+    for bad in ("1,x", "0,5", "", "3,11"):
+        with pytest.raises(SystemExit):
+            main(["--base", "tiny", "--out", "/nonexistent/x", "--set", f"map_contexts={bad}"])
+        assert "map_contexts must be comma-separated context sizes in 1..10" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--base", "tiny", "--out", "/nonexistent/x", "--set", "policy_min_context=11"])
+    assert "policy_min_context must be in 0..10" in capsys.readouterr().err
+    assert not Path("/nonexistent/x.work").exists()
 
 
 @pytest.mark.parametrize("name", ["persona-tiny", "persona-smol"])

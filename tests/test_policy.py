@@ -248,6 +248,34 @@ def test_length_normalised_logit_is_the_mean_token_log_ratio_times_the_scale(tok
     assert not torch.allclose(n_logit, lp_logit)
 
 
+@pytest.mark.parametrize("family,gated", [(f, False) for f in FAMILIES] + [("llama", True)])
+def test_length_grouped_scoring_gives_the_same_logits_and_gradients(family, gated, tok):
+    """length_group_rows scores sorted groups of rows, each with its own rows' z: the same DPO
+    logits and the same gradients as one padded batch (up to float rounding)."""
+    pairs = toy_pairs()
+    one = make_policy(family, tok, lora_gates=gated)
+    _perturb(one)
+    grouped = make_policy(family, tok, length_group_rows=3, lora_gates=gated)
+    grouped.load_adapter_state(one.adapter_state())
+    for p in (one, grouped):
+        p.train()
+    data, batch = _step_inputs(one, pairs)
+    inp = data.inputs(one, batch, batch.target_mask)
+    assert inp.seqs.input_ids.shape[0] > 3 and len(set(inp.seqs.attention_mask.sum(1).tolist())) > 1
+    grads = []
+    for p in (one, grouped):
+        loss, _ = p(inp)
+        p.zero_grad()
+        loss.backward()
+        grads.append({n: q.grad.clone() for n, q in p.named_parameters() if q.grad is not None})
+    with torch.no_grad():
+        torch.testing.assert_close(grouped.dpo_logits(inp), one.dpo_logits(inp), atol=1e-5, rtol=1e-4)
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("film.") for n in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
+    assert grouped.film._active is None  # the FiLM state is cleared after scoring
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_greedy_generation_equals_uncached(family, tok):
     policy = make_policy(family, tok)
@@ -310,12 +338,12 @@ def test_lm_embedder_last_token_is_padding_invariant(tok):
     torch.testing.assert_close(right[:1], alone, rtol=1e-4, atol=1e-5)
 
 
-def _train(tmp_path, family, tok, model="np-dpo", steps=30, **kw):
+def _train(tmp_path, family, tok, model="np-dpo", steps=30, model_overrides=None, **kw):
     pairs = toy_pairs()
     run = policy_run_config({"train": {"steps": steps, "batch_size": 4, "lr": 3e-2, "warmup_steps": 2,
                                        "eval_every": 10, "val_tasks": 4, "checkpoint_every": 10},
                              "tasks": {"n_targets": 4, "max_context": 3},
-                             "model": {"d_z": 4, "d_in": 4, "lora_r": 4, "lora_alpha": 8}})
+                             "model": {"d_z": 4, "d_in": 4, "lora_r": 4, "lora_alpha": 8, **(model_overrides or {})}})
     base = (tiny_model(family, tok, seed=0), tok, {"kind": "test", "name": f"tiny-{family}"})
     meta = train_policy(pairs, model, tmp_path / "bundle", run, base, emb=toy_emb(pairs), include_base=True,
                         quiet=True, **kw)
@@ -486,3 +514,93 @@ def test_reference_shares_the_weights_and_merging_keeps_outputs(tok):
             torch.testing.assert_close(policy.sequence_logprobs(s), steered, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(policy.reference_logprobs(s), ref, rtol=1e-4, atol=1e-4)
     assert policy.merged
+
+
+def test_length_bucketed_batches_pad_less_and_keep_the_draws():
+    from core.tinylm import length_bucketed_batches
+
+    lengths = [int(x) for x in torch.randint(5, 200, (500,), generator=torch.Generator().manual_seed(0))]
+    plain = length_bucketed_batches(lengths, 16, 64, 1, torch.Generator().manual_seed(1))
+    bucketed = length_bucketed_batches(lengths, 16, 64, 8, torch.Generator().manual_seed(1))
+    assert len(bucketed) == 64 and all(len(b) == 16 for b in bucketed)
+    # the same draws, only regrouped: the first 8 batches hold the first 128 draws
+    g = torch.Generator().manual_seed(1)
+    first = torch.randint(len(lengths), (16 * 8,), generator=g).tolist()
+    assert sorted(i for b in bucketed[:8] for i in b) == sorted(first)
+
+    def real(batches):  # share of a padded batch that is real tokens
+        return sum(sum(lengths[i] for i in b) for b in batches) / sum(16 * max(lengths[i] for i in b) for b in batches)
+
+    assert real(bucketed) > 0.8 > real(plain)
+    assert length_bucketed_batches(lengths, 16, 64, 8, torch.Generator().manual_seed(1)) == bucketed
+    with pytest.raises(ValueError, match="buckets"):
+        length_bucketed_batches(lengths, 16, 4, 0, torch.Generator())
+
+
+def test_train_lm_with_length_buckets_learns_and_is_reproducible(tok):
+    from core.tinylm import train_lm
+
+    examples = [(f"How do I get into {t}?", a) for t in TOPICS for a in _answers(t)]
+    runs = []
+    for _ in range(2):
+        model = tiny_model("gpt2", tok, seed=0, dropout=0.0)
+        hist = train_lm(model, tok, examples, steps=40, batch_size=4, lr=1e-2, seed=0, log_every=10, length_buckets=4)
+        runs.append((hist, model.state_dict()))
+    assert runs[0][0] == runs[1][0] and runs[0][0][-1]["loss"] < 0.6 * runs[0][0][0]["loss"]
+    for k, v in runs[0][1].items():
+        assert torch.equal(v, runs[1][1][k]), k
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_gates_start_as_plain_lora_then_steer_each_row(family, tok):
+    """z-gated LoRA: with the gates at zero it is exactly the plain LoRA (for any z); trained
+    gates make rows with different z differ, each row as if run alone; the reference ignores them."""
+    plain = make_policy(family, tok)
+    _perturb(plain)
+    gated = make_policy(family, tok, lora_gates=True)
+    state = plain.adapter_state()
+    state["film.gate_weight"] = torch.zeros_like(gated.film.gate_weight)
+    gated.load_adapter_state(state)
+    n_lora = sum(1 for n, _ in gated.lm.named_modules() if n.endswith(".lora_A"))
+    assert gated.film.gate_weight.shape == (n_lora, gated.cfg.lora_r, 4) and n_lora > 0
+    enc = tok(PROMPTS[:1] * 2, return_tensors="pt")
+    z = 3 * torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with plain.conditioned(z):
+            want = plain.lm(**enc).logits
+        with gated.conditioned(z):
+            assert torch.equal(gated.lm(**enc).logits, want)
+        with torch.no_grad():
+            gated.film.gate_weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        with gated.conditioned(z):
+            both = gated.lm(**enc).logits
+        for i in range(2):
+            with gated.conditioned(z[i:i + 1]):
+                one = gated.lm(input_ids=enc.input_ids[:1], attention_mask=enc.attention_mask[:1]).logits
+            torch.testing.assert_close(both[i], one[0], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(both, want, atol=1e-4)  # the gates change the update
+        # with the same z on both rows, FiLM's and the gates' effects are the row's own
+        with gated.conditioned(z[:1].expand(2, -1).contiguous()):
+            same = gated.lm(**enc).logits
+        torch.testing.assert_close(same[0], same[1])
+        s = collate(gated.encode(PROMPTS, ["Try tea daily.", "Here is a thorough answer about chess."]), gated.pad_id)
+        with gated.conditioned(z):
+            ref_g = gated.reference_logprobs(s)
+        torch.testing.assert_close(ref_g, plain.reference_logprobs(s))
+
+
+def test_gated_policy_stays_unmerged_and_round_trips(tmp_path, tok):
+    pairs, meta = _train(tmp_path, "gpt2", tok, steps=12, model_overrides={"lora_gates": True})
+    policy, bmeta = load_policy_bundle(tmp_path / "bundle")
+    assert policy.cfg.lora_gates and policy.film.gated and bmeta["policy_config"]["lora_gates"] is True
+    assert policy.film.gate_weight.abs().sum() > 0  # trained
+    s = collate(policy.encode(PROMPTS, ["Try tea daily."] * 2), policy.pad_id)
+    z = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), policy.conditioned(z):
+        before = policy.sequence_logprobs(s)
+    policy.merge_for_inference()
+    assert not policy.merged  # a z-dependent update cannot live in the base weights
+    with torch.no_grad(), policy.conditioned(z):
+        assert torch.equal(policy.sequence_logprobs(s), before)
+    with pytest.raises(ValueError, match="lora_gates needs a conditioned policy"):
+        PolicyConfig(base="tiny", conditioned=False, lora_gates=True)

@@ -95,19 +95,24 @@ def test_film_at_init_is_identity_for_any_z(family, tok):
             assert torch.equal(policy.lm(**enc).logits, want)
 
 
+@torch.no_grad()
+def _rows_as_if_alone(policy, enc, z: torch.Tensor) -> torch.Tensor:
+    """Logits of a batch conditioned row by row on z, asserting each row equals that row run alone."""
+    with policy.conditioned(z):
+        both = policy.lm(**enc).logits
+    for i in range(z.shape[0]):
+        with policy.conditioned(z[i:i + 1]):
+            one = policy.lm(input_ids=enc.input_ids[i:i + 1], attention_mask=enc.attention_mask[i:i + 1]).logits
+        torch.testing.assert_close(both[i], one[0], rtol=1e-5, atol=1e-5)
+    return both
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_row_gets_its_own_z(family, tok):
     policy = make_policy(family, tok)
     _perturb(policy)
     enc = tok(PROMPTS[:1] * 2, return_tensors="pt")
-    z = torch.randn(2, 4)
-    with torch.no_grad():
-        with policy.conditioned(z):
-            both = policy.lm(**enc).logits
-        for i in range(2):
-            with policy.conditioned(z[i:i + 1]):
-                one = policy.lm(input_ids=enc.input_ids[:1], attention_mask=enc.attention_mask[:1]).logits
-            torch.testing.assert_close(both[i], one[0], rtol=1e-5, atol=1e-5)
+    both = _rows_as_if_alone(policy, enc, torch.randn(2, 4))
     assert not torch.allclose(both[0], both[1])
 
 
@@ -572,12 +577,7 @@ def test_lora_gates_start_as_plain_lora_then_steer_each_row(family, tok):
             assert torch.equal(gated.lm(**enc).logits, want)
         with torch.no_grad():
             gated.film.gate_weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-        with gated.conditioned(z):
-            both = gated.lm(**enc).logits
-        for i in range(2):
-            with gated.conditioned(z[i:i + 1]):
-                one = gated.lm(input_ids=enc.input_ids[:1], attention_mask=enc.attention_mask[:1]).logits
-            torch.testing.assert_close(both[i], one[0], rtol=1e-5, atol=1e-5)
+        both = _rows_as_if_alone(gated, enc, z)
         assert not torch.allclose(both, want, atol=1e-4)  # the gates change the update
         # with the same z on both rows, FiLM's and the gates' effects are the row's own
         with gated.conditioned(z[:1].expand(2, -1).contiguous()):

@@ -159,7 +159,7 @@ class FiLM(nn.Module):
         parts = [film.flatten(1)]  # (B, L·2H)
         if self.gated:
             parts.append(torch.einsum("grd,bd->bgr", self.gate_weight, z).flatten(1))  # (B, G·r)
-        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]  # (B, F)
+        return torch.cat(parts, 1)  # (B, F)
 
     def set_factors(self, f: torch.Tensor | None) -> None:
         """Set the active factors (B, F) of `factors` directly (None = off); `condition` is the usual way."""

@@ -58,8 +58,8 @@ class PolicyConfig:
     max_response_tokens: int = 256  # longer responses keep their first tokens (and lose the end marker)
     cache_reference: bool = True  # reference log-probs computed once per response
     gradient_checkpointing: bool = False
-    # > 0: score a training batch's sequences in length-sorted groups of this many rows, so short
-    # answers are not padded to the longest one (the same log-probs, less compute on CPUs). Off
+    # > 0: score a batch's sequences (training and evaluation) in length-sorted groups of this many
+    # rows, so short answers are not padded to the longest one (the same log-probs, less compute). Off
     # (0) under gradient checkpointing, whose recomputation needs one FiLM state for the whole batch.
     length_group_rows: int = 0
     freeze_encoder: bool = False  # e.g. after a warm start from an NP-BTL bundle

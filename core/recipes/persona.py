@@ -244,7 +244,7 @@ def stage_map(cfg: RecipeConfig, pairs: PairSet, emb, reward_dir: Path) -> Behav
     pull confident users inwards; on the boundary, the middle of the map means "not yet known".
     Each user is fitted at every context size in cfg.map_contexts: with only 3-10 clicks the
     calibration learned how far a 10-click user goes, and an archetype stopped ~0.15 short of its
-    corner (README: map error 0.27 against 0.19 with 1, 2, 3, 5, 10 clicks).
+    corner (README: the casual texter's map error 0.27 against 0.18 with 1, 2, 3, 5, 10 clicks).
     """
     contexts = map_contexts(cfg)
     reward, _ = load_reward_bundle(reward_dir)

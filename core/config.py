@@ -110,7 +110,7 @@ def load_run_config(path: str | Path | None, kind: Literal["reward", "policy"] =
 JOB_COMMON = ("pairs", "model", "out", "embed_cache")
 JOB_ONLY: dict[str, tuple[str, ...]] = {
     "reward": ("embedder",),
-    "policy": ("base", "base_dtype", "init_encoder", "include_base"),
+    "policy": ("base", "base_dtype", "init_encoder", "include_base", "reference_cache", "teacher"),
 }
 
 
@@ -134,11 +134,15 @@ class JobConfig:
     base_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # frozen base weights; auto: bf16 when training in bf16
     init_encoder: str | None = None  # NP-BTL reward bundle whose context encoder starts the policy's
     include_base: bool = False  # store the base weights in the bundle (small models)
+    # folder keeping the reference log-probs of every train/val pair (core.train.train_policy), so that
+    # NP-DPO and the DPO baseline on one base compute them once
+    reference_cache: str | None = None
+    teacher: str | None = None  # NP-BTL reward bundle for model.teacher_weight > 0 (core.policy.PolicyConfig)
 
     def __post_init__(self) -> None:
         if self.base_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"job.base_dtype must be auto, float32 or bfloat16, got {self.base_dtype!r}")
-        for name in ("pairs", "model", "out", "embed_cache", "embedder", "base", "init_encoder"):
+        for name in ("pairs", "model", "out", "embed_cache", "embedder", "base", "init_encoder", "reference_cache", "teacher"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"job.{name} must be a string, got {v!r}")

@@ -82,12 +82,27 @@ class MiniLMEmbedder:
     dim = 384
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64, max_length: int = 256) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        path = minilm_path()
-        self.tok = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModel.from_pretrained(str(path)).to(device).eval()
+        self.path = minilm_path()  # a missing package is reported now; the weights load on first use
         self.device, self.batch_size, self.max_length = torch.device(device), batch_size, max_length
+        self._tok = self._model = None
+
+    def _load(self) -> None:
+        # Loading takes seconds (transformers' imports): a cache that already holds every text never pays it.
+        if self._model is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(str(self.path))
+            self._model = AutoModel.from_pretrained(str(self.path)).to(self.device).eval()
+
+    @property
+    def tok(self):
+        self._load()
+        return self._tok
+
+    @property
+    def model(self) -> torch.nn.Module:
+        self._load()
+        return self._model
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:

@@ -132,12 +132,22 @@ class ContextEncoder(nn.Module):
         return self.cfg.min_std + F.softplus(raw)
 
     def pair_features(self, a: torch.Tensor, b: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-        """a, b: (B, N, d) option embeddings; choice: (B, N), 1 = b preferred. Returns (B, N, H)."""
+        """a, b: (B, N, d) option embeddings; choice: (B, N), 1 = b preferred. Returns (B, N, H).
+
+        The feature is (1 - y) · mlp[a ‖ b] + y · mlp[b ‖ a]. A decided pair (y = 0 or 1) needs only
+        its own order, so the MLP runs once on [chosen ‖ rejected]; the other order is computed only
+        when the batch holds a tie (or any y strictly between 0 and 1)."""
         a, b = self.normalize(a), self.normalize(b)
-        a_won = self.pair_mlp(torch.cat([a, b], -1))  # (B, N, H): [chosen=a ‖ rejected=b]
-        b_won = self.pair_mlp(torch.cat([b, a], -1))  # (B, N, H): [chosen=b ‖ rejected=a]
-        y = choice.to(a_won.dtype).unsqueeze(-1)  # (B, N, 1)
-        return (1 - y) * a_won + y * b_won
+        y = choice.to(a.dtype).unsqueeze(-1)  # (B, N, 1)
+        b_won = y > 0.5  # (B, N, 1)
+        first, second = torch.where(b_won, b, a), torch.where(b_won, a, b)  # 2 x (B, N, d)
+        x = self.pair_mlp(torch.cat([first, second], -1))  # (B, N, H): [chosen ‖ rejected]
+        decided = (y == 0) | (y == 1)  # (B, N, 1)
+        if bool(decided.all()):
+            return x
+        flipped = self.pair_mlp(torch.cat([second, first], -1))  # (B, N, H): the other order
+        a_first, b_first = torch.where(b_won, flipped, x), torch.where(b_won, x, flipped)  # [a ‖ b], [b ‖ a]
+        return torch.where(decided, x, (1 - y) * a_first + y * b_first)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, choice: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | Gaussian:
         """Encode a batch of context sets.

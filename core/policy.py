@@ -64,6 +64,10 @@ class PolicyConfig:
     length_group_rows: int = 0
     freeze_encoder: bool = False  # e.g. after a warm start from an NP-BTL bundle
     sft_weight: float = 0.0  # > 0 adds λ·(per-token NLL of the chosen response | z) to the DPO loss
+    # NP-DPO: > 0 trains on (1 − w)·click + w·p_teacher(b ≻ a | context) instead of the click alone,
+    # p_teacher from an NP-BTL reward model given the same context (train_policy's `teacher`): a
+    # graded target that says how sure a user with this context would be, not one noisy draw
+    teacher_weight: float = 0.0
     # Length-normalised implicit reward: β·L̄·(mean per-token log-ratio) instead of β·(sum). The sum
     # lets a policy win on every pair with a longer rejected answer by lowering all log-probs a
     # little, a bias toward short answers that a user's z then has to fight; L̄ keeps β's scale.
@@ -91,6 +95,10 @@ class PolicyConfig:
             raise ValueError(f"length_power must be in [0, 1], got {self.length_power}")
         if self.length_group_rows < 0:
             raise ValueError(f"length_group_rows must be >= 0, got {self.length_group_rows}")
+        if not 0 <= self.teacher_weight <= 1:
+            raise ValueError(f"teacher_weight must be in [0, 1], got {self.teacher_weight}")
+        if self.teacher_weight and not self.conditioned:
+            raise ValueError("teacher_weight needs a conditioned policy (NP-DPO): the teacher reads the user's context")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,12 +196,16 @@ class DPOInputs:
     choice: torch.Tensor  # (R,) float, 1 = b preferred
     seqs: Sequences  # 2R rows: a responses, then b responses
     ref: torch.Tensor | None  # (2R,) reference log-probs, or None to compute them in forward
+    # (R,) the loss's target P(b preferred) when it is not the click itself (a teacher's blend,
+    # PolicyConfig.teacher_weight); the accuracy still counts against the click
+    target: torch.Tensor | None = None
 
     def to(self, device) -> "DPOInputs":
         def mv(x):
             return None if x is None else x.to(device)
         return DPOInputs(mv(self.context_a), mv(self.context_b), mv(self.context_choice), mv(self.context_mask),
-                         self.row_task.to(device), self.choice.to(device), self.seqs.to(device), mv(self.ref))
+                         self.row_task.to(device), self.choice.to(device), self.seqs.to(device), mv(self.ref),
+                         mv(self.target))
 
 
 class BatchStreamer:
@@ -374,7 +386,11 @@ class SteerablePolicy(nn.Module):
     # -- log-probs -------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
         c = self.cfg
-        return [(self.chat.prompt_ids(p, c.max_prompt_tokens), self.chat.response_ids(r, c.max_response_tokens))
+        prompt_ids: dict[str, list[int]] = {}  # a pair set repeats each prompt for many pairs: render it once
+        for p in prompts:
+            if p not in prompt_ids:
+                prompt_ids[p] = self.chat.prompt_ids(p, c.max_prompt_tokens)
+        return [(list(prompt_ids[p]), self.chat.response_ids(r, c.max_response_tokens))
                 for p, r in zip(prompts, responses)]
 
     def _body_head(self) -> tuple[nn.Module, nn.Module]:
@@ -422,7 +438,7 @@ class SteerablePolicy(nn.Module):
     def forward(self, inp: DPOInputs) -> tuple[torch.Tensor, dict[str, float]]:
         """DPO loss over the scored target pairs (+ optional SFT on the chosen); forward() so DDP syncs."""
         logit, lp = self.dpo_logits(inp, return_logprobs=True)  # (R,), (2R,)
-        nll = btl_nll(logit, inp.choice)  # (R,)
+        nll = btl_nll(logit, inp.choice if inp.target is None else inp.target)  # (R,)
         loss = nll.mean()
         decided = inp.choice != 0.5
         acc = ((logit > 0) == (inp.choice > 0.5))[decided].float().mean() if decided.any() else logit.new_tensor(0.0)

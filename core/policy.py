@@ -116,9 +116,11 @@ class ChatFormat:
     """Renders prompts and responses with a tokenizer's chat template and finds exact spans."""
 
     PROBE = "xq7respx"
+    PROMPT_MEMO = 4096  # rendered prompts kept by prompt_ids
 
     def __init__(self, tok) -> None:
         self.tok = tok
+        self._prompt_memo: dict[tuple[str, int], tuple[int, ...]] = {}
         self.has_template = bool(getattr(tok, "chat_template", None))
         if self.has_template:
             p = self.prompt_text("hi")
@@ -152,8 +154,16 @@ class ChatFormat:
         return self.response_prefix + (r if self.has_template else " " + r) + self.end
 
     def prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
-        ids = self.tok(self.prompt_text(prompt), add_special_tokens=not self.has_template).input_ids
-        return ids[-max_tokens:]
+        # A pair set or corpus repeats each prompt for many answers, and rendering the chat template
+        # is the slow part: each (prompt, max_tokens) is rendered once (a bounded memo; a fresh list out).
+        key = (prompt, max_tokens)
+        ids = self._prompt_memo.get(key)
+        if ids is None:
+            ids = tuple(self.tok(self.prompt_text(prompt), add_special_tokens=not self.has_template).input_ids[-max_tokens:])
+            if len(self._prompt_memo) >= self.PROMPT_MEMO:
+                self._prompt_memo.clear()
+            self._prompt_memo[key] = ids
+        return list(ids)
 
     def response_ids(self, response: str, max_tokens: int) -> list[int]:
         return self.tok(self.response_text(response), add_special_tokens=False).input_ids[:max_tokens]
@@ -386,11 +396,7 @@ class SteerablePolicy(nn.Module):
     # -- log-probs -------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
         c = self.cfg
-        prompt_ids: dict[str, list[int]] = {}  # a pair set repeats each prompt for many pairs: render it once
-        for p in prompts:
-            if p not in prompt_ids:
-                prompt_ids[p] = self.chat.prompt_ids(p, c.max_prompt_tokens)
-        return [(list(prompt_ids[p]), self.chat.response_ids(r, c.max_response_tokens))
+        return [(self.chat.prompt_ids(p, c.max_prompt_tokens), self.chat.response_ids(r, c.max_response_tokens))
                 for p, r in zip(prompts, responses)]
 
     def _body_head(self) -> tuple[nn.Module, nn.Module]:

@@ -574,6 +574,20 @@ def _write_reference(path: Path, fingerprint: str, base_info: dict[str, Any], re
                        "splits": list(REFERENCE_SPLITS)}, {"reference": {"ref": ref}})
 
 
+def _fill_reference(acc, call: Callable, data, pairs: PairSet, path: Path, fingerprint: str,
+                    base_info: dict[str, Any], restored: bool = False) -> None:
+    """Fill data.ref for every train/val pair: loaded from `path` when it was made for `fingerprint`,
+    else computed and written there. restored: data.ref came from a checkpoint, which wins (the
+    missing rows are computed, nothing is written)."""
+    cached = None if restored else _read_reference(path, fingerprint, len(pairs))
+    if cached is not None:
+        data.ref = cached
+    _precompute_reference(acc, call, data, pairs, REFERENCE_SPLITS)
+    if cached is None and not restored and acc.is_main_process:
+        _write_reference(path, fingerprint, base_info, data.ref)
+    acc.wait_for_everyone()
+
+
 def _read_reference(path: Path, fingerprint: str, n: int) -> torch.Tensor | None:
     """The (n, 2) table kept in `path` if it was made for this fingerprint; None (with a note why) if not."""
     if not path.exists():
@@ -654,10 +668,8 @@ def precompute_reference(pairs: PairSet, run: RunConfig, base: str | tuple, path
     policy = SteerablePolicy(cfg, lm, tok).to(acc.device).eval()
     data = PolicyData(policy, pairs, None)
     path = Path(path)
-    fp = _reference_fingerprint(weights, data, pairs, "bf16" if bf16 else "fp32")
-    if _read_reference(path, fp, len(pairs)) is None:
-        _precompute_reference(acc, lambda mode, s: policy.reference_logprobs(s), data, pairs, REFERENCE_SPLITS)
-        _write_reference(path, fp, base_info, data.ref)
+    _fill_reference(acc, lambda mode, s: policy.reference_logprobs(s), data, pairs, path,
+                    _reference_fingerprint(weights, data, pairs, "bf16" if bf16 else "fp32"), base_info)
     return path
 
 
@@ -805,15 +817,9 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
             best_state = {k: _like(restored["best"][k], live[k]) if k in live else restored["best"][k]
                           for k in sorted(restored["best"])}  # sorted: the same order on every process
     if base_weights is not None:
-        ref_path = Path(reference_cache)
-        ref_fp = _reference_fingerprint(base_weights, data, pairs, "bf16" if bf16 else "fp32")
-        cached = _read_reference(ref_path, ref_fp, len(pairs)) if restored is None else None
-        if cached is not None:
-            data.ref = cached
-        _precompute_reference(acc, call, data, pairs, REFERENCE_SPLITS)
-        if cached is None and restored is None and acc.is_main_process:
-            _write_reference(ref_path, ref_fp, base_info, data.ref)
-        acc.wait_for_everyone()
+        _fill_reference(acc, call, data, pairs, Path(reference_cache),
+                        _reference_fingerprint(base_weights, data, pairs, "bf16" if bf16 else "fp32"), base_info,
+                        restored=restored is not None)
     elif (world > 1 or fsdp) and cfg.cache_reference:  # one process computes them lazily, as it goes
         _precompute_reference(acc, call, data, pairs, REFERENCE_SPLITS)
 

@@ -270,7 +270,8 @@ def stage_reference(cfg: RecipeConfig, pairs: PairSet, emb, work: Path) -> Path:
 
 
 def stage_policy(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_dir: Path, model_name: str,
-                 quiet: bool = False) -> Path:
+                 quiet: bool = False, reference: Path | None = None) -> Path:
+    """One policy stage; `reference` is stage_reference's folder when the caller has made it already."""
     from core.train import train_policy
 
     out = _policy_dir(work, model_name)
@@ -279,7 +280,7 @@ def stage_policy(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_dir:
     reward, _ = load_reward_bundle(reward_dir)
     run = _policy_run(cfg, int(emb[0].shape[1]), asdict(reward.cfg.encoder), model_name)
     base = stage_base(cfg, work)
-    ref = stage_reference(cfg, pairs, emb, work)
+    ref = reference or stage_reference(cfg, pairs, emb, work)
     t = time.time()
     with _torch_threads(policy_threads() if not torch.cuda.is_available() else torch.get_num_threads()):
         meta = train_policy(pairs, model_name, out, run, base, emb=emb,
@@ -296,7 +297,7 @@ def _policy_process(cfg: dict[str, Any], work: str, model_name: str) -> None:
     work_ = Path(work)
     pairs = load_pairs(work_ / "pairs.jsonl")
     emb = embed_pairs(pairs, EmbeddingCache(make_text_embedder(cfg_.embedder), _emb_cache(work_)))  # all cached
-    stage_policy(cfg_, pairs, emb, work_, work_ / "reward", model_name, quiet=True)
+    stage_policy(cfg_, pairs, emb, work_, work_ / "reward", model_name, quiet=True, reference=work_ / "reference")
 
 
 def stage_policies(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_dir: Path, jobs: int) -> tuple[Path, Path]:
@@ -305,14 +306,14 @@ def stage_policies(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_di
     finish ~25 % sooner than one after the other on two threads each (small matrices use a second
     thread poorly). The base's log-probs are computed once, first (stage_reference)."""
     todo = [m for m in ("np-dpo", "dpo") if not (_policy_dir(work, m) / "bundle.json").is_file()]
+    ref = stage_reference(cfg, pairs, emb, work) if todo else None
     if jobs >= 2 and len(todo) == 2 and not torch.cuda.is_available():
-        stage_reference(cfg, pairs, emb, work)
         log(f"policies: NP-DPO here and the DPO baseline in a second process, {policy_threads()} thread(s) each")
         child = mp.get_context("spawn").Process(target=_policy_process, args=(asdict(cfg), str(work), "dpo"),
                                                 name="dpo-baseline")
         child.start()
         try:
-            stage_policy(cfg, pairs, emb, work, reward_dir, "np-dpo", quiet=True)
+            stage_policy(cfg, pairs, emb, work, reward_dir, "np-dpo", quiet=True, reference=ref)
         except BaseException:
             child.terminate()
             child.join()
@@ -321,8 +322,8 @@ def stage_policies(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_di
         if child.exitcode != 0:
             raise RuntimeError(f"the DPO baseline's training process failed (exit code {child.exitcode}); "
                                "its messages are above; --jobs 1 trains it in this process")
-    return (stage_policy(cfg, pairs, emb, work, reward_dir, "np-dpo"),
-            stage_policy(cfg, pairs, emb, work, reward_dir, "dpo"))
+    return (stage_policy(cfg, pairs, emb, work, reward_dir, "np-dpo", reference=ref),
+            stage_policy(cfg, pairs, emb, work, reward_dir, "dpo", reference=ref))
 
 
 def stage_map(cfg: RecipeConfig, pairs: PairSet, emb, reward_dir: Path) -> BehaviourMap:

@@ -6,7 +6,10 @@ stream) become
     o'_m = (1 + γ_m(z)) ⊙ o_m + β_m(z),      γ_m, β_m: linear maps R^{d_z} -> R^H,
 
 shared across positions, so z applies to prompt and generated tokens alike, with or without
-the KV cache. γ and β start at exactly zero, so an untrained FiLM is the identity for any z;
+the KV cache. Optionally (`final_norm`) the output of the decoder's final norm, the hidden state
+the LM head reads, is modulated the same way: its β(z) then adds a z-dependent bias to every
+token's logit (E·β(z) for output embeddings E), a direct path from the user to word choice that
+no later normalisation rescales. γ and β start at exactly zero, so an untrained FiLM is the identity for any z;
 with no z set (`z=None`) the hooks return the block output untouched, which is exactly the
 base model. Each batch row has its own z.
 
@@ -40,6 +43,8 @@ LAYER_PATHS: dict[str, str] = {
     "smollm3": "model.layers",
     "gpt2": "transformer.h",
 }
+# model_type -> dotted path of the final norm (the LM head's input), for FiLMConfig.final_norm.
+FINAL_NORM_PATHS: dict[str, str] = {**{k: "model.norm" for k in LAYER_PATHS if k != "gpt2"}, "gpt2": "transformer.ln_f"}
 
 
 class UnsupportedModelError(ValueError):
@@ -60,6 +65,26 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _module_at(base: nn.Module, path: str) -> object:
+    obj: object = base
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            break
+    return obj
+
+
+def find_final_norm(model: nn.Module) -> nn.Module:
+    """The final norm of a supported decoder-only model (peft-wrapped or not): the LM head's input."""
+    base = unwrap(model)
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    obj = _module_at(base, FINAL_NORM_PATHS[model_type]) if model_type in FINAL_NORM_PATHS else None
+    if not isinstance(obj, nn.Module):
+        raise UnsupportedModelError(f"{type(base).__name__} ({model_type}): no final norm at "
+                                    f"{FINAL_NORM_PATHS.get(model_type)!r}; add it to core.film.FINAL_NORM_PATHS")
+    return obj
+
+
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks of a supported decoder-only model (peft-wrapped or not)."""
     base = unwrap(model)
@@ -70,11 +95,7 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"FiLM cannot attach to {type(base).__name__} (model_type {model_type!r}): the layer finder supports "
             f"{', '.join(sorted(LAYER_PATHS))}. Add its decoder-layer path to core.film.LAYER_PATHS if its "
             "blocks return the hidden states as the first output.")
-    obj: object = base
-    for part in LAYER_PATHS[model_type].split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            break
+    obj = _module_at(base, LAYER_PATHS[model_type])
     if not isinstance(obj, nn.ModuleList) or len(obj) == 0:
         raise UnsupportedModelError(f"{type(base).__name__} ({model_type}): no decoder layers at "
                                     f"{LAYER_PATHS[model_type]!r}; is this a *ForCausalLM model?")
@@ -98,6 +119,7 @@ class FiLMConfig:
     lora_gates: int = 0  # LoRA modules whose rank components z gates (0 = none; see FiLM)
     lora_rank: int = 0  # their rank r
     gate_init_std: float = 0.0  # std of the gates' initial weights (the policy is still the base: LoRA's B is 0)
+    final_norm: bool = False  # also modulate the final norm's output (the LM head's input)
 
     def __post_init__(self) -> None:
         if (self.lora_gates > 0) != (self.lora_rank > 0) or self.lora_gates < 0 or self.lora_rank < 0:
@@ -112,6 +134,10 @@ class FiLMConfig:
         if self.layers is None:
             return list(range(self.n_layers))
         return sorted(i % self.n_layers for i in self.layers)
+
+    def n_sites(self) -> int:
+        """Modulated hidden states: the chosen blocks, plus the final norm when final_norm."""
+        return len(self.modulated()) + int(self.final_norm)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,8 +159,8 @@ class FiLM(nn.Module):
     def __init__(self, cfg: FiLMConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        L, H = len(cfg.modulated()), cfg.hidden_size
-        # One affine map per block: rows [0:H] give γ - 1, rows [H:2H] give β. Zero = identity.
+        L, H = cfg.n_sites(), cfg.hidden_size
+        # One affine map per block (then the final norm): rows [0:H] give γ - 1, rows [H:2H] give β. Zero = identity.
         self.weight = nn.Parameter(torch.zeros(L, 2 * H, cfg.d_z))
         self.bias = nn.Parameter(torch.zeros(L, 2 * H))
         if cfg.lora_gates:
@@ -152,7 +178,7 @@ class FiLM(nn.Module):
         return self.cfg.lora_gates > 0
 
     def factors(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (B, d_z) -> (B, F): per row, [γ - 1 ‖ β] of each modulated block (L·2H), then the
+        """z: (B, d_z) -> (B, F): per row, [γ - 1 ‖ β] of each modulated block and the final norm (L·2H), then the
         LoRA gates minus one (G·r). Rows can be taken from it (f[rows]) like any batch."""
         z = z.to(self.weight.dtype)
         film = torch.einsum("lod,bd->blo", self.weight, z) + self.bias  # (B, L, 2H)
@@ -184,7 +210,7 @@ class FiLM(nn.Module):
         """1 + G_k z as a contiguous (B, 1, r) tensor, made once per z."""
         key = (k, dtype)
         if key not in self._gates_ready:
-            r, off = self.cfg.lora_rank, 2 * self.cfg.hidden_size * len(self.cfg.modulated())
+            r, off = self.cfg.lora_rank, 2 * self.cfg.hidden_size * self.cfg.n_sites()
             g = self._active[:, off + r * k:off + r * (k + 1)]  # (B, r)
             self._gates_ready[key] = (1 + g).to(dtype).unsqueeze(1).contiguous()
         return self._gates_ready[key]
@@ -201,6 +227,8 @@ class FiLM(nn.Module):
             raise ValueError(f"FiLM was built to gate {self.cfg.lora_gates} LoRA modules, got {len(lora_a or [])}")
         for j, i in enumerate(self.cfg.modulated()):
             self._handles.append(layers[i].register_forward_hook(self._hook(j)))
+        if self.cfg.final_norm:
+            self._handles.append(find_final_norm(model).register_forward_hook(self._hook(len(self.cfg.modulated()))))
         for k, m in enumerate(lora_a or []):
             if getattr(m, "out_features", self.cfg.lora_rank) != self.cfg.lora_rank:
                 raise ValueError(f"LoRA module {k} has rank {m.out_features}, FiLM gates rank {self.cfg.lora_rank}")

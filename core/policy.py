@@ -47,6 +47,7 @@ class PolicyConfig:
     d_z: int = 32
     encoder: EncoderConfig | None = None  # None: built from d_in and d_z
     film_layers: list[int] | None = None  # None = every block
+    film_final_norm: bool = False  # FiLM also on the final norm's output: a z-dependent bias on every logit
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -89,6 +90,8 @@ class PolicyConfig:
             raise ValueError(f"embedder must be {', '.join(TEXT_EMBEDDERS)} or base, got {self.embedder!r}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.film_final_norm and not self.conditioned:
+            raise ValueError("film_final_norm needs a conditioned policy (NP-DPO): the DPO baseline has no z")
         if self.lora_gates and not self.conditioned:
             raise ValueError("lora_gates needs a conditioned policy (NP-DPO): the DPO baseline has no z")
         if not 0 <= self.length_power <= 1:
@@ -167,6 +170,13 @@ class ChatFormat:
 
     def response_ids(self, response: str, max_tokens: int) -> list[int]:
         return self.tok(self.response_text(response), add_special_tokens=False).input_ids[:max_tokens]
+
+    def responses_ids(self, responses: Sequence[str], max_tokens: int) -> list[list[int]]:
+        """response_ids of many responses in one batched tokenizer call (the same ids, far fewer calls)."""
+        if not responses:
+            return []
+        enc = self.tok([self.response_text(r) for r in responses], add_special_tokens=False).input_ids
+        return [ids[:max_tokens] for ids in enc]
 
 
 @dataclass
@@ -309,7 +319,8 @@ class SteerablePolicy(nn.Module):
             lora_a = [m["default"] for n, m in self.lm.named_modules() if n.endswith(".lora_A")] if cfg.lora_gates else []
             self.film: FiLM | None = FiLM(FiLMConfig(cfg.d_z, hidden_size(lm), len(layers), cfg.film_layers,
                                                      lora_gates=len(lora_a), lora_rank=cfg.lora_r if lora_a else 0,
-                                                     gate_init_std=cfg.lora_gate_init_std if lora_a else 0.0))
+                                                     gate_init_std=cfg.lora_gate_init_std if lora_a else 0.0,
+                                                     final_norm=cfg.film_final_norm))
             self.film.attach(self.lm, lora_a)
             self.encoder: ContextEncoder | None = ContextEncoder(cfg.encoder)
             if cfg.freeze_encoder:
@@ -396,8 +407,8 @@ class SteerablePolicy(nn.Module):
     # -- log-probs -------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
         c = self.cfg
-        return [(self.chat.prompt_ids(p, c.max_prompt_tokens), self.chat.response_ids(r, c.max_response_tokens))
-                for p, r in zip(prompts, responses)]
+        return [(self.chat.prompt_ids(p, c.max_prompt_tokens), r)
+                for p, r in zip(prompts, self.chat.responses_ids(responses, c.max_response_tokens), strict=True)]
 
     def _body_head(self) -> tuple[nn.Module, nn.Module]:
         base = unwrap(self.lm)

@@ -108,7 +108,8 @@ def train_lm(model, tokenizer, examples: list[tuple[str, str]], steps: int = 600
     from core.policy import ChatFormat, collate
 
     chat = ChatFormat(tokenizer)
-    rows = [(chat.prompt_ids(p, max_tokens), chat.response_ids(r, max_tokens)) for p, r in examples]
+    responses = chat.responses_ids([r for _, r in examples], max_tokens)
+    rows = [(chat.prompt_ids(p, max_tokens), r) for (p, _), r in zip(examples, responses, strict=True)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else chat.stop_ids[0]
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)

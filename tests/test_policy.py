@@ -15,7 +15,7 @@ from core.config import TrainConfig
 from core.data.pairs import pairs_from_records
 from core.data.tasks import TaskConfig
 from core.embed import LMEmbedder, last_token_index
-from core.film import FiLM, FiLMConfig, UnsupportedModelError, find_decoder_layers
+from core.film import FiLM, FiLMConfig, UnsupportedModelError, find_decoder_layers, unwrap
 from core.policy import PolicyConfig, PolicyData, SteerablePolicy, collate
 from core.tinylm import tiny_model, train_tokenizer
 from core.train import policy_run_config, train_policy
@@ -729,3 +729,43 @@ def test_teacher_blends_into_np_dpo_targets_and_bad_settings_are_refused(tmp_pat
     with pytest.raises(ValueError, match="teacher_weight needs a conditioned policy"):
         _train(tmp_path / "c", "gpt2", tok, model="dpo", steps=1, model_overrides={"teacher_weight": 0.5},
                teacher=teacher)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_final_norm_film_is_identity_at_init_then_biases_each_logit(family, tok):
+    base = tiny_model(family, tok, seed=3)
+    policy = make_policy(family, tok, seed=3, film_final_norm=True)
+    film = policy.film
+    n_blocks = len(film.cfg.modulated())
+    assert film.cfg.n_sites() == n_blocks + 1 and film.weight.shape[0] == n_blocks + 1
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    z = 5 * torch.randn(2, 4)
+    with torch.no_grad():
+        want = base(**enc).logits  # (2, T, V)
+        with policy.conditioned(z):
+            assert torch.equal(policy.lm(**enc).logits, want)  # zero FiLM: exactly the base for any z
+        # only the final norm's shift β(z) set: every position's logits move by E·β(z), E the output embeddings
+        H = film.cfg.hidden_size
+        film.weight[n_blocks, H:].normal_(0.0, 0.5)
+        with policy.conditioned(z):
+            got = policy.lm(**enc).logits
+        shift = z @ film.weight[n_blocks, H:].T  # (2, H): β(z) of each row
+        head = unwrap(policy.lm).get_output_embeddings()
+        bias = shift @ head.weight.T  # (2, V)
+        torch.testing.assert_close(got, want + bias[:, None, :], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(got[0, -1] - want[0, -1], got[1, -1] - want[1, -1])  # each row its own z
+    with pytest.raises(ValueError, match="film_final_norm needs a conditioned policy"):
+        PolicyConfig(base="tiny", conditioned=False, d_in=4, d_z=4, film_final_norm=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_batched_response_ids_equal_one_at_a_time(family, tok):
+    policy = make_policy(family, tok)
+    responses = ["Try tea daily.", "  Here is a thorough answer about chess. First, start slowly. ", "", "ok" * 300]
+    one = [policy.chat.response_ids(r, 40) for r in responses]
+    assert policy.chat.responses_ids(responses, 40) == one
+    assert policy.chat.responses_ids([], 40) == []
+    assert [r for _, r in policy.encode(["How do I get into tea?"] * 4, responses)] == [
+        policy.chat.response_ids(r, policy.cfg.max_response_tokens) for r in responses]
+    with pytest.raises(ValueError):  # every response needs its prompt
+        policy.encode(["How do I get into tea?"], responses)

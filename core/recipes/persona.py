@@ -98,8 +98,8 @@ class RecipeConfig:
             # clicks (not 0-10) add ~1.5 points to NP-DPO. NP-DPO learns from the NP-BTL model's
             # p(b > a | context) instead of the clicks (teacher weight 1): 86.3 % over 4 seeds against
             # 84.0 % over 3 on the same stages. FiLM also on the final norm (a z-dependent bias on
-            # every logit) with β = 0.05: 91.5 / 89.2 % (seeds 0 / 1) against 88.9 / 88.5 % with
-            # β = 0.05 alone and 86.0 / 87.5 % with β = 0.1, at the same cost. (β = 0.03 collapsed the
+            # every logit) with β = 0.05: 91.5 / 89.2 / 88.3 / 89.2 % (seeds 0-3) against 88.9 / 88.5 %
+            # with β = 0.05 alone and 86.0 / 87.5 % with β = 0.1, at the same cost. (β = 0.03 collapsed the
             # greedy DPO baseline to terse-formal answers in a whole bundle; β = 0.05 did not.)
             # 600 reward steps: its validation NLL is flat from step 600 of 800 (0.391 vs 0.390), and
             # the build must fit 10 minutes on 2 cores.

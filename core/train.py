@@ -44,7 +44,6 @@ from core.config import JobConfig, RunConfig, read_config_file, run_config_from_
 from core.data.pairs import PairSet, PairsFormatError, load_pairs
 from core.data.tasks import TaskBatch, TaskSampler
 from core.embed import TEXT_EMBEDDERS, text_embedder_dim
-from core.encoder import Gaussian
 from core.reward import MODELS, PreferenceModel, config_from_dict, gather_features
 
 
@@ -679,13 +678,8 @@ def _teacher_probs(teacher: PreferenceModel, data, batch: TaskBatch, score: torc
     """A reward model's p(b ≻ a | task context) for the targets where score (B, T) is True, in the
     row order of PolicyData.inputs: (R,). z is the mean of q(z | C), as the policy's is."""
     task, pos = score.nonzero(as_tuple=True)  # (R,), (R,)
-    idx = batch.target_idx[task, pos]  # (R,)
-    z = teacher.encoder(data.emb_a[batch.context_idx].to(device), data.emb_b[batch.context_idx].to(device),
-                        batch.context_choice.to(device), batch.context_mask.to(device))
-    z = (z.mean if isinstance(z, Gaussian) else z)[task.to(device)]  # (R, d_z)
-    r_a = teacher.reward(data.emb_a[idx].to(device)[:, None], z)[:, 0]  # (R,)
-    r_b = teacher.reward(data.emb_b[idx].to(device)[:, None], z)[:, 0]  # (R,)
-    return torch.sigmoid(r_b - r_a).float()
+    logit = teacher.logits(gather_features(batch, data.emb_a, data.emb_b, device))  # (B, T)
+    return torch.sigmoid(logit[task.to(device), pos.to(device)]).float()  # (R,)
 
 
 def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfig, base: str | tuple,

@@ -69,6 +69,10 @@ class PolicyConfig:
     # p_teacher from an NP-BTL reward model given the same context (train_policy's `teacher`): a
     # graded target that says how sure a user with this context would be, not one noisy draw
     teacher_weight: float = 0.0
+    # NP-DPO with a teacher: besides each target pair, every other pair of distinct responses to one
+    # prompt within a task, targeted at the teacher's p(b ≻ a | context) (no extra LM passes: the
+    # same sequences' log-ratios). Pays off with targets grouped by prompt (TaskConfig.prompt_group).
+    teacher_all_pairs: bool = False
     # Length-normalised implicit reward: β·L̄·(mean per-token log-ratio) instead of β·(sum). The sum
     # lets a policy win on every pair with a longer rejected answer by lowering all log-probs a
     # little, a bias toward short answers that a user's z then has to fight; L̄ keeps β's scale.
@@ -100,6 +104,9 @@ class PolicyConfig:
             raise ValueError(f"length_group_rows must be >= 0, got {self.length_group_rows}")
         if not 0 <= self.teacher_weight <= 1:
             raise ValueError(f"teacher_weight must be in [0, 1], got {self.teacher_weight}")
+        if self.teacher_all_pairs and not (self.conditioned and self.teacher_weight > 0):
+            raise ValueError("teacher_all_pairs needs NP-DPO with a teacher (teacher_weight > 0): only the teacher "
+                             "can label pairs that nobody clicked on")
         if self.teacher_weight and not self.conditioned:
             raise ValueError("teacher_weight needs a conditioned policy (NP-DPO): the teacher reads the user's context")
 
@@ -219,13 +226,18 @@ class DPOInputs:
     # (R,) the loss's target P(b preferred) when it is not the click itself (a teacher's blend,
     # PolicyConfig.teacher_weight); the accuracy still counts against the click
     target: torch.Tensor | None = None
+    # Extra pairs of the same 2R sequences (PolicyConfig.teacher_all_pairs): E pairs of rows
+    # (cross_a[e], cross_b[e]) with the loss's target P(cross_b ≻ cross_a), (E,) each
+    cross_a: torch.Tensor | None = None
+    cross_b: torch.Tensor | None = None
+    cross_target: torch.Tensor | None = None
 
     def to(self, device) -> "DPOInputs":
         def mv(x):
             return None if x is None else x.to(device)
         return DPOInputs(mv(self.context_a), mv(self.context_b), mv(self.context_choice), mv(self.context_mask),
                          self.row_task.to(device), self.choice.to(device), self.seqs.to(device), mv(self.ref),
-                         mv(self.target))
+                         mv(self.target), mv(self.cross_a), mv(self.cross_b), mv(self.cross_target))
 
 
 class BatchStreamer:
@@ -454,8 +466,13 @@ class SteerablePolicy(nn.Module):
     # -- NP-DPO ----------------------------------------------------------------------------
     def forward(self, inp: DPOInputs) -> tuple[torch.Tensor, dict[str, float]]:
         """DPO loss over the scored target pairs (+ optional SFT on the chosen); forward() so DDP syncs."""
-        logit, lp = self.dpo_logits(inp, return_logprobs=True)  # (R,), (2R,)
+        d, lp = self.log_ratios(inp)  # (2R,), (2R,)
+        d_a, d_b = d.chunk(2)  # 2 x (R,)
+        logit = self.cfg.beta * (d_b - d_a)  # (R,)
         nll = btl_nll(logit, inp.choice if inp.target is None else inp.target)  # (R,)
+        if inp.cross_a is not None and len(inp.cross_a):
+            cross = self.cfg.beta * (d[inp.cross_b] - d[inp.cross_a])  # (E,)
+            nll = torch.cat([nll, btl_nll(cross, inp.cross_target)])  # (R + E,)
         loss = nll.mean()
         decided = inp.choice != 0.5
         acc = ((logit > 0) == (inp.choice > 0.5))[decided].float().mean() if decided.any() else logit.new_tensor(0.0)
@@ -473,6 +490,14 @@ class SteerablePolicy(nn.Module):
     def dpo_logits(self, inp: DPOInputs, return_logprobs: bool = False):
         """β[(log π_b − log ref_b) − (log π_a − log ref_a)] per target pair, (R,)
         (and the policy's log-probs (2R,) with return_logprobs)."""
+        d, lp = self.log_ratios(inp)  # (2R,), (2R,)
+        d_a, d_b = d.chunk(2)  # 2 x (R,)
+        logit = self.cfg.beta * (d_b - d_a)
+        return (logit, lp) if return_logprobs else logit
+
+    def log_ratios(self, inp: DPOInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's log π − log ref (length-normalised where configured; the implicit reward
+        over β) and its log π, (2R,) each."""
         ref = inp.ref if inp.ref is not None else self.reference_logprobs(inp.seqs)  # (2R,)
         factors = None
         if self.film is not None:
@@ -495,9 +520,7 @@ class SteerablePolicy(nn.Module):
         if self.cfg.length_normalize:
             n_tok = inp.seqs.response_mask.sum(1).clamp_min(1).to(d.dtype)  # (2R,)
             d = d / (n_tok / self.cfg.length_scale) ** self.cfg.length_power  # (2R,)
-        d_a, d_b = d.chunk(2)  # 2 x (R,)
-        logit = self.cfg.beta * (d_b - d_a)
-        return (logit, lp) if return_logprobs else logit
+        return d, lp
 
     def _grouped_logprobs(self, s: Sequences, factors: torch.Tensor | None, group: int) -> torch.Tensor:
         """sequence_logprobs of s (N,), computed over length-sorted groups of `group` rows, each
@@ -665,6 +688,30 @@ class PolicyData:
             ctx = (self.emb_a[batch.context_idx], self.emb_b[batch.context_idx], batch.context_choice,
                    batch.context_mask)
         return DPOInputs(*ctx, row_task=task, choice=batch.target_choice[task, pos].float(), seqs=seqs, ref=ref)
+
+    def cross_pairs(self, batch, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs of inputs()'s 2R sequences (a's, then b's) that answer one prompt within one task
+        and are not a target pair itself: row indices (E,), (E,). Each unordered pair of distinct
+        response texts appears once per task."""
+        task, pos = score.nonzero(as_tuple=True)  # (R,), (R,)
+        idx = batch.target_idx[task, pos].tolist()  # (R,)
+        R = len(idx)
+        texts = [self.pairs.a[i] for i in idx] + [self.pairs.b[i] for i in idx]  # (2R,)
+        groups: dict[tuple[int, str], list[int]] = {}
+        for k in range(2 * R):
+            groups.setdefault((int(task[k % R]), self.pairs.prompts[idx[k % R]]), []).append(k)
+        seen: set[tuple[int, str, str]] = {(int(task[k]), *sorted((texts[k], texts[k + R]))) for k in range(R)}
+        ia: list[int] = []
+        ib: list[int] = []
+        for (t, _), rows in groups.items():
+            for n, i in enumerate(rows):
+                for j in rows[n + 1:]:
+                    key = (t, *sorted((texts[i], texts[j])))
+                    if texts[i] != texts[j] and key not in seen:
+                        seen.add(key)
+                        ia.append(i)
+                        ib.append(j)
+        return torch.tensor(ia, dtype=torch.long), torch.tensor(ib, dtype=torch.long)
 
 
 __all__ = ["PolicyConfig", "ChatFormat", "Sequences", "collate", "DPOInputs", "BatchStreamer", "SteerablePolicy",

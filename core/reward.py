@@ -174,14 +174,19 @@ class PreferenceModel(nn.Module):
 
     def logits(self, f: PairFeatures) -> torch.Tensor:
         """r_b − r_a for every target, (B, T): BTL, or NP-BTL with z(C) (latent: the mean of q(z|C))."""
+        r_a, r_b = self.option_rewards(f)  # (B, T) each
+        return r_b - r_a
+
+    def option_rewards(self, f: PairFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """r_a and r_b of every target, (B, T) each, given the task's context as in logits()."""
         if self.cfg.model == "dpl":
-            raise ValueError("DPL has no single logit; use predict()")
+            raise ValueError("DPL has no single reward; use predict()")
         z = None
         if self.cfg.is_np:
             z = self.posterior(f)
             if isinstance(z, Gaussian):
                 z = z.mean
-        return self.reward(f.target_b, z) - self.reward(f.target_a, z)
+        return self.reward(f.target_a, z), self.reward(f.target_b, z)
 
     # -- prediction ------------------------------------------------------------------------
     @torch.no_grad()

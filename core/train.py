@@ -673,13 +673,15 @@ def precompute_reference(pairs: PairSet, run: RunConfig, base: str | tuple, path
 
 
 @torch.no_grad()
-def _teacher_probs(teacher: PreferenceModel, data, batch: TaskBatch, score: torch.Tensor,
-                   device: torch.device) -> torch.Tensor:
-    """A reward model's p(b ≻ a | task context) for the targets where score (B, T) is True, in the
-    row order of PolicyData.inputs: (R,). z is the mean of q(z | C), as the policy's is."""
+def _teacher_rewards(teacher: PreferenceModel, data, batch: TaskBatch, score: torch.Tensor,
+                     device: torch.device) -> torch.Tensor:
+    """A reward model's rewards, given each task's context, of the responses of the targets where
+    score (B, T) is True, in the row order of PolicyData.inputs' sequences (a's, then b's): (2R,).
+    z is the mean of q(z | C), as the policy's is; p(b ≻ a | context) = σ(r_b − r_a)."""
     task, pos = score.nonzero(as_tuple=True)  # (R,), (R,)
-    logit = teacher.logits(gather_features(batch, data.emb_a, data.emb_b, device))  # (B, T)
-    return torch.sigmoid(logit[task.to(device), pos.to(device)]).float()  # (R,)
+    task, pos = task.to(device), pos.to(device)
+    r_a, r_b = teacher.option_rewards(gather_features(batch, data.emb_a, data.emb_b, device))  # (B, T) each
+    return torch.cat([r_a[task, pos], r_b[task, pos]]).float()  # (2R,)
 
 
 def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfig, base: str | tuple,
@@ -862,8 +864,13 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
         batch = _rank_share(train_sampler.sample(step, tc.batch_size), rank, world)
         inp = data.inputs(raw, batch, batch.target_mask, cfg.cache_reference, acc.autocast).to(acc.device)
         if teacher_model is not None:
-            p = _teacher_probs(teacher_model, data, batch, batch.target_mask, acc.device)  # (R,)
-            inp.target = (1 - cfg.teacher_weight) * inp.choice + cfg.teacher_weight * p
+            r = _teacher_rewards(teacher_model, data, batch, batch.target_mask, acc.device)  # (2R,)
+            r_a, r_b = r.chunk(2)  # 2 x (R,)
+            inp.target = (1 - cfg.teacher_weight) * inp.choice + cfg.teacher_weight * torch.sigmoid(r_b - r_a)
+            if cfg.teacher_all_pairs:
+                ia, ib = data.cross_pairs(batch, batch.target_mask)  # (E,), (E,)
+                inp.cross_a, inp.cross_b = ia.to(acc.device), ib.to(acc.device)
+                inp.cross_target = torch.sigmoid(r[inp.cross_b] - r[inp.cross_a])  # (E,)
         loss, last = model("loss", inp)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)

@@ -268,6 +268,13 @@ def test_recipe_overrides_are_typed_and_bad_ones_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--base", "tiny", "--out", "/nonexistent/x", "--set", "policy_min_context=11"])
     assert "policy_min_context must be in 0..10" in capsys.readouterr().err
+    for sets, msg in ((["policy_prompt_group=3"], "policy_prompt_group must be >= 1 and divide policy_targets"),
+                      (["policy_prompt_group=4", "policy_targets=12", "pairs_per_request=3"],
+                       "more than the pairs per prompt"),
+                      (["policy_all_pairs=true", "policy_teacher_weight=0"], "policy_all_pairs needs policy_teacher_weight")):
+        with pytest.raises(SystemExit):
+            main(["--base", "tiny", "--out", "/nonexistent/x", *[a for kv in sets for a in ("--set", kv)]])
+        assert msg in capsys.readouterr().err
     assert not Path("/nonexistent/x.work").exists()
 
 
@@ -284,7 +291,8 @@ def test_shipped_bundles_record_the_recipe_that_rebuilds_them(name):
     recipe = json.loads((path / "bundle.json").read_text())["recipe"]
     want = asdict(RecipeConfig.for_base(recipe["base"], recipe["seed"]))
     # fields added after a bundle was built: their default must be the behaviour it was built with
-    added_off = {"policy_teacher_weight": 0.0, "policy_film_final_norm": False}
+    added_off = {"policy_teacher_weight": 0.0, "policy_film_final_norm": False, "policy_prompt_group": 1,
+                 "policy_all_pairs": False}
     for k in set(want) - set(recipe):
         assert k in added_off and want[k] == added_off[k], k
     assert {k: want[k] for k in recipe} == recipe

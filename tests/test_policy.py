@@ -682,11 +682,11 @@ def _toy_teacher(tmp_path):
     return tmp_path / "teacher"
 
 
-def test_teacher_probs_are_the_reward_models_predictions(tmp_path, tok):
+def test_teacher_rewards_give_the_reward_models_predictions(tmp_path, tok):
     from core.bundle import load_reward_bundle
-    from core.data.tasks import TaskConfig, TaskSampler
+    from core.data.tasks import TaskSampler
     from core.reward import gather_features
-    from core.train import _teacher_probs
+    from core.train import _teacher_rewards
 
     pairs = toy_pairs()
     teacher, _ = load_reward_bundle(_toy_teacher(tmp_path))
@@ -696,11 +696,112 @@ def test_teacher_probs_are_the_reward_models_predictions(tmp_path, tok):
     batch = sampler.sample(0, 3)
     score = batch.target_mask.clone()
     score[0, 1] = False  # rows follow the scored targets, as in PolicyData.inputs
-    p = _teacher_probs(teacher, data, batch, score, torch.device("cpu"))
+    r = _teacher_rewards(teacher, data, batch, score, torch.device("cpu"))  # (2R,)
+    R = int(score.sum())
+    assert r.shape == (2 * R,)
+    r_a, r_b = r.chunk(2)
     with torch.no_grad():
         want = torch.sigmoid(teacher.logits(gather_features(batch, data.emb_a, data.emb_b)))[score]  # (R,)
+    p = torch.sigmoid(r_b - r_a)
     torch.testing.assert_close(p, want)
-    assert p.shape == (int(score.sum()),) and ((p > 0) & (p < 1)).all()
+    assert ((p > 0) & (p < 1)).all()
+
+
+def grouped_pairs():
+    """Three pairs per prompt over four answers per topic, one answer repeated across pairs."""
+    recs = []
+    for i, t in enumerate(TOPICS):
+        split = "train" if i < 8 else ("val" if i < 10 else "test")
+        short, long = _answers(t)
+        mid, tiny = f"Start {t} slowly, then practise it every day.", f"{t.title()}: daily."
+        for k, (a, b) in enumerate([(short, long), (mid, tiny), (short, mid)]):
+            b_long = len(b) > len(a)
+            recs.append({"id": f"{t}-{k}", "prompt": f"How do I get into {t}?", "a": a, "b": b,
+                         "choices": {"terse": 0 if b_long else 1, "thorough": 1 if b_long else 0}, "split": split})
+    return pairs_from_records(recs, "grouped")
+
+
+def test_prompt_groups_draw_targets_on_shared_prompts():
+    from core.data.tasks import TaskSampler
+
+    pairs = grouped_pairs()
+    sampler = TaskSampler(pairs, TaskConfig(n_targets=4, max_context=3, prompt_group=2, context_mode="disjoint"),
+                          "train", seed=0)
+    train = set(pairs.indices("train").tolist())
+    for step in range(5):
+        batch = sampler.sample(step, 3)
+        for row in batch.target_idx.tolist():
+            assert len(set(row)) == 4 and set(row) <= train
+            prompts = [pairs.prompts[r] for r in row]
+            assert prompts[0] == prompts[1] and prompts[2] == prompts[3] and prompts[0] != prompts[2]
+    again = TaskSampler(pairs, TaskConfig(n_targets=4, max_context=3, prompt_group=2, context_mode="disjoint"),
+                        "train", seed=0).sample(3, 3)
+    assert torch.equal(again.target_idx, sampler.sample(3, 3).target_idx)  # a pure function of (seed, step)
+    with pytest.raises(ValueError, match="prompt_group must be >= 1 and divide n_targets"):
+        TaskConfig(n_targets=4, max_context=3, prompt_group=3)
+    with pytest.raises(ValueError, match="prompts have 4 or more target pairs"):
+        TaskSampler(pairs, TaskConfig(n_targets=4, max_context=3, prompt_group=4, context_mode="disjoint"), "train")
+
+
+def test_cross_pairs_compare_every_other_answer_to_a_prompt_once(tok):
+    from core.data.tasks import TaskSampler
+
+    pairs = grouped_pairs()
+    policy = make_policy("gpt2", tok)
+    data = PolicyData(policy, pairs, toy_emb(pairs))
+    sampler = TaskSampler(pairs, TaskConfig(n_targets=6, max_context=3, prompt_group=3, context_mode="disjoint"),
+                          "train", seed=0)
+    batch = sampler.sample(0, 2)  # each task: all three pairs of two prompts (4 distinct answers per prompt)
+    ia, ib = data.cross_pairs(batch, batch.target_mask)
+    task, pos = batch.target_mask.nonzero(as_tuple=True)
+    idx = batch.target_idx[task, pos].tolist()
+    R = len(idx)
+    text = [pairs.a[i] for i in idx] + [pairs.b[i] for i in idx]
+    prompt = [pairs.prompts[idx[k % R]] for k in range(2 * R)]
+    keys = set()
+    for i, j in zip(ia.tolist(), ib.tolist()):
+        assert task[i % R] == task[j % R] and prompt[i] == prompt[j] and text[i] != text[j]
+        key = (int(task[i % R]), frozenset((text[i], text[j])))
+        assert key not in keys
+        keys.add(key)
+    targets = {(int(task[k]), frozenset((text[k], text[k + R]))) for k in range(R)}
+    assert not keys & targets
+    # 4 distinct answers per prompt: C(4, 2) = 6 pairs, 3 of them the targets themselves
+    assert len(keys) == 2 * 2 * (6 - 3)
+    # with one pair per prompt there is nothing else to compare
+    plain = TaskSampler(toy_pairs(), TaskConfig(n_targets=4, max_context=3), "train", seed=0).sample(0, 2)
+    toy = PolicyData(policy, toy_pairs(), toy_emb(toy_pairs()))
+    assert len(toy.cross_pairs(plain, plain.target_mask)[0]) == 0
+
+
+def test_np_dpo_loss_adds_the_cross_pairs_at_their_targets(tok):
+    from core.data.tasks import TaskSampler
+    from core.losses import btl_nll
+
+    pairs = grouped_pairs()
+    policy = make_policy("gpt2", tok, teacher_weight=1.0, teacher_all_pairs=True)
+    _perturb(policy)
+    data = PolicyData(policy, pairs, toy_emb(pairs))
+    batch = TaskSampler(pairs, TaskConfig(n_targets=6, max_context=3, prompt_group=3, context_mode="disjoint"),
+                        "train", seed=0).sample(1, 2)
+    inp = data.inputs(policy, batch, batch.target_mask)
+    inp.target = torch.full_like(inp.choice, 0.7)
+    plain_loss, _ = policy(inp)
+    inp.cross_a, inp.cross_b = data.cross_pairs(batch, batch.target_mask)
+    inp.cross_target = torch.linspace(0.1, 0.9, len(inp.cross_a))
+    loss, metrics = policy(inp)
+    with torch.no_grad():
+        d, _ = policy.log_ratios(inp)  # (2R,)
+        d_a, d_b = d.chunk(2)
+        beta = policy.cfg.beta
+        nll = torch.cat([btl_nll(beta * (d_b - d_a), inp.target),
+                         btl_nll(beta * (d[inp.cross_b] - d[inp.cross_a]), inp.cross_target)])
+    torch.testing.assert_close(loss, nll.mean())
+    torch.testing.assert_close(plain_loss, btl_nll(beta * (d_b - d_a), inp.target).mean())
+    assert not torch.allclose(loss, plain_loss)
+    torch.testing.assert_close(policy.dpo_logits(inp), beta * (d_b - d_a))  # the pairs' logits are unchanged
+    with pytest.raises(ValueError, match="teacher_all_pairs needs NP-DPO with a teacher"):
+        PolicyConfig(base="tiny", d_in=4, d_z=4, teacher_all_pairs=True)
 
 
 def test_teacher_blends_into_np_dpo_targets_and_bad_settings_are_refused(tmp_path, tok, monkeypatch):
@@ -729,6 +830,37 @@ def test_teacher_blends_into_np_dpo_targets_and_bad_settings_are_refused(tmp_pat
     with pytest.raises(ValueError, match="teacher_weight needs a conditioned policy"):
         _train(tmp_path / "c", "gpt2", tok, model="dpo", steps=1, model_overrides={"teacher_weight": 0.5},
                teacher=teacher)
+
+
+def test_training_with_all_pairs_sends_the_teachers_cross_targets(tmp_path, tok, monkeypatch):
+    import core.policy as pol
+
+    teacher = _toy_teacher(tmp_path)
+    seen = []
+    real = pol.SteerablePolicy.forward
+
+    def spy(self, inp):
+        seen.append(inp)
+        return real(self, inp)
+
+    monkeypatch.setattr(pol.SteerablePolicy, "forward", spy)
+    pairs = grouped_pairs()
+    run = policy_run_config({"train": {"steps": 3, "batch_size": 2, "lr": 3e-2, "warmup_steps": 1, "eval_every": 10,
+                                       "val_tasks": 2, "checkpoint_every": 10},
+                             "tasks": {"n_targets": 4, "max_context": 3, "prompt_group": 2, "context_mode": "disjoint"},
+                             "model": {"d_z": 4, "d_in": 4, "lora_r": 4, "lora_alpha": 8, "teacher_weight": 1.0,
+                                       "teacher_all_pairs": True}})
+    base = (tiny_model("gpt2", tok, seed=0), tok, {"kind": "test", "name": "tiny-gpt2"})
+    meta = train_policy(pairs, "np-dpo", tmp_path / "bundle", run, base, emb=toy_emb(pairs), quiet=True,
+                        include_base=True, teacher=teacher)
+    monkeypatch.undo()
+    assert len(seen) == 3
+    for inp in seen:
+        assert inp.cross_a is not None and len(inp.cross_a) > 0 and ((inp.cross_target > 0) & (inp.cross_target < 1)).all()
+        assert inp.cross_a.max() < inp.seqs.input_ids.shape[0] and inp.cross_b.max() < inp.seqs.input_ids.shape[0]
+    assert meta["run_config"]["tasks"]["prompt_group"] == 2
+    policy, bmeta = load_policy_bundle(tmp_path / "bundle")
+    assert policy.cfg.teacher_all_pairs and bmeta["policy_config"]["teacher_all_pairs"] is True
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -32,6 +32,10 @@ class TaskConfig:
     weight_prior: Literal["dirichlet", "sphere"] = "dirichlet"  # continuous users' weight vectors
     dirichlet_alpha: float = 1.0
     choice_temperature: float = 0.0  # continuous users: 0 = deterministic, > 0 = BTL noise
+    # > 1: a task's targets come in groups of this many pairs on one prompt (N_T / prompt_group
+    # prompts, each with at least this many pairs in the target pool), so that every response to a
+    # prompt can be compared with the others (PolicyConfig.teacher_all_pairs); 1 = any target pairs
+    prompt_group: int = 1
 
     def __post_init__(self) -> None:
         if self.n_targets < 1:
@@ -46,6 +50,9 @@ class TaskConfig:
             raise ValueError(f"users must be 'types' or 'continuous', got {self.users!r}")
         if self.weight_prior not in ("dirichlet", "sphere"):
             raise ValueError(f"weight_prior must be 'dirichlet' or 'sphere', got {self.weight_prior!r}")
+        if self.prompt_group < 1 or self.n_targets % self.prompt_group:
+            raise ValueError(f"prompt_group must be >= 1 and divide n_targets ({self.n_targets}), "
+                             f"got {self.prompt_group}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskConfig":
@@ -103,6 +110,19 @@ class TaskSampler:
         need_t = cfg.n_targets
         if len(self.target_pool) < need_t:
             raise ValueError(f"{pairs.source}: {len(self.target_pool)} target pairs available, a task needs {need_t}")
+        self.prompt_rows: list[np.ndarray] = []  # prompt_group > 1: the target pool's rows of each usable prompt
+        if cfg.prompt_group > 1:
+            by_prompt: dict[str, list[int]] = {}
+            for r in self.target_pool.tolist():
+                prompt = pairs.prompts[r]
+                if prompt is None:
+                    raise ValueError(f"{pairs.source}: pair {pairs.ids[r]} has no prompt; prompt_group needs one per pair")
+                by_prompt.setdefault(prompt, []).append(r)
+            self.prompt_rows = [np.asarray(v, np.int64) for v in by_prompt.values() if len(v) >= cfg.prompt_group]
+            need_p = cfg.n_targets // cfg.prompt_group
+            if len(self.prompt_rows) < need_p:
+                raise ValueError(f"{pairs.source}: {len(self.prompt_rows)} prompts have {cfg.prompt_group} or more "
+                                 f"target pairs, a task needs {need_p}")
         if cfg.context_mode == "disjoint" and len(self.context_pool) < cfg.max_context:
             raise ValueError(f"{pairs.source}: {len(self.context_pool)} context pairs available, "
                              f"max_context is {cfg.max_context}")
@@ -137,7 +157,7 @@ class TaskSampler:
         weights = np.zeros((batch_size, A), np.float32) if cfg.users == "continuous" else None
 
         for i, n_c in enumerate(n_cs):
-            tgt = rng.choice(self.target_pool, size=T, replace=False)
+            tgt = self._draw_targets(rng, T)
             if cfg.context_mode == "subset":
                 pos = rng.choice(T, size=n_c, replace=False)
                 ctx = tgt[pos]
@@ -170,6 +190,14 @@ class TaskSampler:
             user_type=torch.from_numpy(user_type_out),
             user_weights=None if weights is None else torch.from_numpy(weights),
         )
+
+    def _draw_targets(self, rng: np.random.Generator, T: int) -> np.ndarray:
+        """T distinct target rows: any rows, or prompt_group rows from each of T / prompt_group prompts."""
+        g = self.cfg.prompt_group
+        if g == 1:
+            return rng.choice(self.target_pool, size=T, replace=False)
+        chosen = rng.choice(len(self.prompt_rows), size=T // g, replace=False)
+        return np.concatenate([rng.choice(self.prompt_rows[k], size=g, replace=False) for k in chosen])  # (T,)
 
     def _draw_outside(self, rng: np.random.Generator, exclude: np.ndarray, n: int) -> np.ndarray:
         """n distinct rows of the context pool that are not in `exclude` (a task's targets)."""

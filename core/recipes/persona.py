@@ -81,6 +81,10 @@ class RecipeConfig:
     sft_weight: float = 1.0
     policy_teacher_weight: float = 0.0  # NP-DPO's targets blend in the NP-BTL model's p(b > a | context)
     policy_film_final_norm: bool = False  # NP-DPO's FiLM also on the final norm (policy.PolicyConfig.film_final_norm)
+    # NP-DPO with a teacher: targets in groups of this many pairs per prompt (tasks' prompt_group), and
+    # every other pair of a group's answers scored at the teacher's p (policy.PolicyConfig.teacher_all_pairs)
+    policy_prompt_group: int = 1
+    policy_all_pairs: bool = False
     length_normalize: bool = True  # policy.PolicyConfig.length_normalize: no free win for shorter answers
     policy_group_rows: int = 8  # policy.PolicyConfig.length_group_rows: score length-sorted groups (CPU time)
     map_users: int = 1200
@@ -103,6 +107,8 @@ class RecipeConfig:
             # greedy DPO baseline to terse-formal answers in a whole bundle; β = 0.05 did not.)
             # 600 reward steps: its validation NLL is flat from step 600 of 800 (0.391 vs 0.390), and
             # the build must fit 10 minutes on 2 cores.
+            # (Every other pair of 4-pair prompt groups at the teacher's p, policy_all_pairs, scored about
+            # a point higher over 4 seeds but made a whole bundle's greedy answers long for every user.)
             return cls(base="tiny", seed=seed, lm_steps=600, sft_weight=0.0, policy_min_context=5,
                        policy_teacher_weight=1.0, reward_steps=600, policy_beta=0.05, policy_film_final_norm=True)
         if base == "smol":
@@ -252,13 +258,14 @@ def _policy_run(cfg: RecipeConfig, d_in: int, encoder: dict[str, Any] | None, mo
     return policy_run_config({
         "train": {"steps": cfg.policy_steps, "batch_size": cfg.policy_batch, "lr": cfg.policy_lr,
                   "warmup_steps": 20, "eval_every": 50, "val_tasks": 16, "checkpoint_every": 25, "seed": cfg.seed},
-        "tasks": _tasks(cfg, cfg.policy_targets, 10, "disjoint", cfg.policy_min_context),
+        "tasks": {**_tasks(cfg, cfg.policy_targets, 10, "disjoint", cfg.policy_min_context),
+                  **({"prompt_group": cfg.policy_prompt_group} if model_name == "np-dpo" else {})},
         "model": {"d_in": d_in, "embedder": cfg.embedder, "d_z": cfg.d_z,
                   **({} if encoder is None else {"encoder": encoder}), "freeze_encoder": True,
                   "lora_r": 8, "lora_alpha": 16, "beta": cfg.policy_beta, "sft_weight": cfg.sft_weight,
                   "length_normalize": cfg.length_normalize, "length_group_rows": cfg.policy_group_rows,
-                  **({"teacher_weight": cfg.policy_teacher_weight, "film_final_norm": cfg.policy_film_final_norm}
-                     if model_name == "np-dpo" else {}),
+                  **({"teacher_weight": cfg.policy_teacher_weight, "film_final_norm": cfg.policy_film_final_norm,
+                      "teacher_all_pairs": cfg.policy_all_pairs} if model_name == "np-dpo" else {}),
                   "max_prompt_tokens": 128, "max_response_tokens": 192}})
 
 
@@ -368,6 +375,14 @@ def check_config(cfg: RecipeConfig) -> None:
         raise ValueError(f"policy_teacher_weight must be in [0, 1], got {cfg.policy_teacher_weight}")
     if not 0 <= cfg.policy_min_context <= 10:
         raise ValueError(f"policy_min_context must be in 0..10 (the most clicks a task holds), got {cfg.policy_min_context}")
+    if cfg.policy_prompt_group < 1 or cfg.policy_targets % cfg.policy_prompt_group:
+        raise ValueError(f"policy_prompt_group must be >= 1 and divide policy_targets ({cfg.policy_targets}), "
+                         f"got {cfg.policy_prompt_group}")
+    if cfg.policy_prompt_group > cfg.pairs_per_request:
+        raise ValueError(f"policy_prompt_group ({cfg.policy_prompt_group}) is more than the pairs per prompt "
+                         f"(pairs_per_request {cfg.pairs_per_request})")
+    if cfg.policy_all_pairs and cfg.policy_teacher_weight == 0:
+        raise ValueError("policy_all_pairs needs policy_teacher_weight > 0: only the teacher labels the extra pairs")
 
 
 def map_contexts(cfg: RecipeConfig) -> tuple[int, ...]:

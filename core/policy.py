@@ -71,7 +71,7 @@ class PolicyConfig:
     teacher_weight: float = 0.0
     # NP-DPO with a teacher: besides each target pair, every other pair of distinct responses to one
     # prompt within a task, targeted at the teacher's p(b ≻ a | context) (no extra LM passes: the
-    # same sequences' log-ratios). Pays off with targets grouped by prompt (TaskConfig.prompt_group).
+    # same sequences' log-ratios). Only adds much with targets grouped by prompt (TaskConfig.prompt_group).
     teacher_all_pairs: bool = False
     # Length-normalised implicit reward: β·L̄·(mean per-token log-ratio) instead of β·(sum). The sum
     # lets a policy win on every pair with a longer rejected answer by lowering all log-probs a

@@ -467,8 +467,7 @@ class SteerablePolicy(nn.Module):
     def forward(self, inp: DPOInputs) -> tuple[torch.Tensor, dict[str, float]]:
         """DPO loss over the scored target pairs (+ optional SFT on the chosen); forward() so DDP syncs."""
         d, lp = self.log_ratios(inp)  # (2R,), (2R,)
-        d_a, d_b = d.chunk(2)  # 2 x (R,)
-        logit = self.cfg.beta * (d_b - d_a)  # (R,)
+        logit = self._target_logits(d)  # (R,)
         nll = btl_nll(logit, inp.choice if inp.target is None else inp.target)  # (R,)
         if inp.cross_a is not None and len(inp.cross_a):
             cross = self.cfg.beta * (d[inp.cross_b] - d[inp.cross_a])  # (E,)
@@ -491,9 +490,13 @@ class SteerablePolicy(nn.Module):
         """β[(log π_b − log ref_b) − (log π_a − log ref_a)] per target pair, (R,)
         (and the policy's log-probs (2R,) with return_logprobs)."""
         d, lp = self.log_ratios(inp)  # (2R,), (2R,)
-        d_a, d_b = d.chunk(2)  # 2 x (R,)
-        logit = self.cfg.beta * (d_b - d_a)
+        logit = self._target_logits(d)  # (R,)
         return (logit, lp) if return_logprobs else logit
+
+    def _target_logits(self, d: torch.Tensor) -> torch.Tensor:
+        """β(d_b − d_a) per target pair, (R,), from log_ratios' (2R,) rows (a's, then b's)."""
+        d_a, d_b = d.chunk(2)  # 2 x (R,)
+        return self.cfg.beta * (d_b - d_a)
 
     def log_ratios(self, inp: DPOInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Every sequence's log π − log ref (length-normalised where configured; the implicit reward

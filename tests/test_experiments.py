@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from core.data.synthetic import bayes_error_one_pair, conflict_rate, gaussian_pairs, one_d_pairs
@@ -89,6 +90,14 @@ def test_steering_cli_quick_on_the_shipped_tiny_bundle(tmp_path):
     assert len(res["targets"]) == 9 and all("met" in v for v in res["targets"].values())
     figs = figures_in(out.with_suffix(".html").read_text())
     assert len(figs) >= 3
+    g = res["generation"]
+    assert g["columns"] == ["verbosity", "tone", "words", "repetition", "looping"]
+    rows = [json.loads(x) for x in Path(g["texts"]).read_text().splitlines()]  # every generated text, scored
+    assert {r["condition"] for r in rows} >= {"steered", "wrong", "baseline"}
+    base = [r for r in rows if r["condition"] == "baseline"]
+    assert len(base) == g["seeds"] * g["prompts_per_seed"]
+    assert abs(np.mean([r["words"] for r in base]) - g["baseline"]["words"]["mean"]) < 1e-6
+    assert all(r["looping"] == float(r["repetition"] > 0.3) for r in rows)
     again = tmp_path / "again.json"
     r = subprocess.run(cmd[:-6] + [str(again), "--quick", "--parts", "generation", "--decoding", "sample",
                                    "--temperature", "0.7"],

@@ -126,6 +126,22 @@ def test_scorers_edge_cases():
     assert lens == sorted(lens) and abs(lens[3]) < 1e-9
 
 
+def test_repetition_flags_loops_not_fluent_answers():
+    # closed forms: k distinct trigrams in n trigrams -> 1 - k / n
+    assert P.repetition("a b c a b c") == 1 - 3 / 4  # trigrams abc bca cab abc
+    assert P.repetition("one two three four five") == 0.0
+    assert P.repetition("") == P.repetition("just three words") == 0.0
+    assert P.repetition("DREI drei-drei, drei drei") == 1 - 1 / 3  # case and punctuation split like the scorers
+    loop = "The best way to study is to be more flexible than you " + "-".join(["drei"] * 40)
+    assert P.repetition(loop) > 0.6 and P.is_looping(loop)
+    fluent = ("Set a schedule and keep it. Work in focused 25-minute blocks, then take a short break. "
+              "Sleep matters more than one more hour of study, so protect it. Keep water and snacks nearby, "
+              "and switch subjects when your focus drops.")
+    assert P.repetition(fluent) < 0.05 and not P.is_looping(fluent)
+    for text in P.corpus(n=200):  # the generator's own answers never read as loops
+        assert not P.is_looping(text[2]), text[2]
+
+
 # --- responses -------------------------------------------------------------------------------
 
 def test_scores_track_the_rendering_style():

@@ -1483,6 +1483,29 @@ def score_all(text: str) -> dict[str, float]:
     return {axis: SCORERS[axis](text) for axis in AXES}
 
 
+REPETITION_NGRAM = 3
+LOOPING_THRESHOLD = 0.3  # a fluent answer repeats a few three-word phrases (≤ 0.1); a loop repeats most of them
+
+
+def repetition(text: str, n: int = REPETITION_NGRAM) -> float:
+    """Share in [0, 1] of a text's word n-grams that already occurred earlier in it.
+
+    Not a behaviour axis but a guard on them: an LM stuck in a loop ("drei-drei-drei ...") can
+    reach any verbosity score, so steering results report this beside the gold scores. Words are
+    the scorers' tokens (case-folded, punctuation split off); fewer than n + 1 words score 0.
+    """
+    toks = _WORD_RE.findall((text or "").lower())
+    grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+    if len(grams) < 2:
+        return 0.0
+    return float(1.0 - len(set(grams)) / len(grams))
+
+
+def is_looping(text: str) -> bool:
+    """True when more than `LOOPING_THRESHOLD` of the text's word trigrams are repeats."""
+    return repetition(text) > LOOPING_THRESHOLD
+
+
 # ---------------------------------------------------------------------------------------------
 # Response generator
 # ---------------------------------------------------------------------------------------------

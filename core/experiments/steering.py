@@ -166,24 +166,31 @@ def _generate(policy, prompts: list[str], z: torch.Tensor | None, cfg: SteeringC
     return out
 
 
+EXTRA_COLUMNS = ("words", "repetition", "looping")  # after the axes: length, and guards against degenerate loops
+
+
 def _scores(texts: list[str]) -> np.ndarray:
-    """(n, A + 1): gold axis scores and word counts."""
-    return np.array([[*P.score_all(t).values(), P.word_count(t)] for t in texts], dtype=np.float64)
+    """(n, A + 3): gold axis scores, word counts, repeated-trigram shares and looping flags (0 / 1)."""
+    return np.array([[*P.score_all(t).values(), P.word_count(t), P.repetition(t), float(P.is_looping(t))]
+                     for t in texts], dtype=np.float64)
 
 
-def generation_suite(bundle: PersonaBundle, pairs: PairSet, emb, cfg: SteeringConfig, log=print) -> dict[str, Any]:
+def generation_suite(bundle: PersonaBundle, pairs: PairSet, emb, cfg: SteeringConfig, log=print,
+                     texts_out: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Generation steering (iii); every generated text is appended to `texts_out` when given."""
     policy, dpo = bundle.policy, bundle.dpo
     anchors = bundle.archetypes
     names = list(anchors)
     A = len(bundle.axes)
-    cols = list(bundle.axes) + ["words"]
+    cols = list(bundle.axes) + list(EXTRA_COLUMNS)
+    W = len(cols)
     gen_c = tuple(cfg.gen_contexts or cfg.contexts)
     if cfg.check_context not in gen_c:
         raise ValueError(f"generation contexts {gen_c} must include check_context {cfg.check_context}")
     max_c = max(gen_c)
     prompts_all = sorted({p for p in pairs.prompts if p})
     type_col = {t: pairs.type_index(t) for t in names}
-    # per seed: scores[cond][type][n_c] -> (A + 1,) means over prompts
+    # per seed: scores[cond][type][n_c] -> (W,) means over prompts
     per_seed: list[dict[str, Any]] = []
     examples: dict[str, Any] = {}
     cont_corr: list[list[float]] = []
@@ -212,13 +219,22 @@ def generation_suite(bundle: PersonaBundle, pairs: PairSet, emb, cfg: SteeringCo
         P_ = len(eval_prompts)
         texts = _generate(policy, eval_prompts * len(Z), Z.repeat_interleave(P_, 0), cfg, seed=2 * s)
         base_texts = _generate(dpo, eval_prompts, None, cfg, seed=2 * s + 1)
-        sc = _scores(texts).reshape(len(Z), P_, A + 1)  # (J [+ K], P, A + 1)
-        base = _scores(base_texts)  # (P, A + 1)
+        sc = _scores(texts).reshape(len(Z), P_, W)  # (J [+ K], P, W)
+        base = _scores(base_texts)  # (P, W)
+        if texts_out is not None:
+            conds = [(c, t, n) for c, t, n in jobs] + [("continuous", f"user {u}", max_c) for u in range(len(Z) - len(jobs))]
+            for j, (cond, t, n_c) in enumerate(conds):
+                for q, prompt in enumerate(eval_prompts):
+                    texts_out.append({"seed": s, "condition": cond, "user": t, "n_context": n_c, "prompt": prompt,
+                                      "text": texts[j * P_ + q], **dict(zip(cols, sc[j, q].tolist()))})
+            for q, prompt in enumerate(eval_prompts):
+                texts_out.append({"seed": s, "condition": "baseline", "user": "", "n_context": 0, "prompt": prompt,
+                                  "text": base_texts[q], **dict(zip(cols, base[q].tolist()))})
         seed_out: dict[str, Any] = {"baseline": base.mean(0).tolist(), "steered": {}, "wrong": {}}
         for j, (cond, t, n_c) in enumerate(jobs):
             seed_out[cond].setdefault(t, {})[str(n_c)] = sc[j].mean(0).tolist()
         if users is not None:
-            cu = sc[len(jobs):].mean(1)  # (K, A + 1)
+            cu = sc[len(jobs):].mean(1)  # (K, W)
             cont_corr.append([float(np.corrcoef(users[:, a], cu[:, a])[0, 1]) for a in range(A)])
         per_seed.append(seed_out)
         if s == 0:
@@ -229,7 +245,7 @@ def generation_suite(bundle: PersonaBundle, pairs: PairSet, emb, cfg: SteeringCo
         log(f"  generation seed {s + 1}/{cfg.gen_seeds}: {len(texts) + len(base_texts)} responses")
 
     def stat(vals: list[list[float]]) -> dict[str, Any]:
-        v = np.asarray(vals)  # (S, A + 1)
+        v = np.asarray(vals)  # (S, W)
         se = v.std(0, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else np.full(v.shape[1], np.nan)
         return {c: {"mean": float(v[:, i].mean()), "se": float(se[i])} for i, c in enumerate(cols)}
 
@@ -428,8 +444,11 @@ def run(bundle_dir: Path, json_out: Path, cfg: SteeringConfig, pairs_path: Path 
         log(f"(ii) DPO baseline implicit accuracy: {time.time() - t:.0f} s")
     if "generation" in parts:
         t = time.time()
-        res["generation"] = generation_suite(bundle, pairs, emb, cfg, log)
-        log(f"(iii) generation: {time.time() - t:.0f} s")
+        texts: list[dict[str, Any]] = []
+        res["generation"] = generation_suite(bundle, pairs, emb, cfg, log, texts_out=texts)
+        texts_file = F.write_jsonl(json_out.with_suffix(".texts.jsonl"), texts)
+        res["generation"]["texts"] = str(texts_file)
+        log(f"(iii) generation: {time.time() - t:.0f} s ({len(texts)} texts in {texts_file})")
     if "map" in parts:
         res["map"] = map_suite(bundle, pairs, emb, cfg)
     res["targets"] = check_targets(res, bundle, cfg)

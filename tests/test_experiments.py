@@ -98,6 +98,14 @@ def test_steering_cli_quick_on_the_shipped_tiny_bundle(tmp_path):
     assert len(base) == g["seeds"] * g["prompts_per_seed"]
     assert abs(np.mean([r["words"] for r in base]) - g["baseline"]["words"]["mean"]) < 1e-6
     assert all(r["looping"] == float(r["repetition"] > 0.3) for r in rows)
+    from core.experiments.steering import texts_main, texts_summary
+
+    table = texts_summary(rows)  # rescoring reproduces the run's own means
+    assert table["baseline"]["n"] == len(base) and abs(table["baseline"]["tone"] - g["baseline"]["tone"]["mean"]) < 1e-6
+    assert texts_main([g["texts"]]) == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"condition": "baseline", "text": 3}\n')
+    assert texts_main([str(bad)]) == 2
     again = tmp_path / "again.json"
     r = subprocess.run(cmd[:-6] + [str(again), "--quick", "--parts", "generation", "--decoding", "sample",
                                    "--temperature", "0.7"],

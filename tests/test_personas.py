@@ -134,6 +134,7 @@ def test_repetition_flags_loops_not_fluent_answers():
     assert P.repetition("DREI drei-drei, drei drei") == 1 - 1 / 3  # case and punctuation split like the scorers
     loop = "The best way to study is to be more flexible than you " + "-".join(["drei"] * 40)
     assert P.repetition(loop) > 0.6 and P.is_looping(loop)
+    assert P.is_looping("Hey! yeah, try something new! " + "\U0001F34F" * 40)  # emoji loops count too
     fluent = ("Set a schedule and keep it. Work in focused 25-minute blocks, then take a short break. "
               "Sleep matters more than one more hour of study, so protect it. Keep water and snacks nearby, "
               "and switch subjects when your focus drops.")

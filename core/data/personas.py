@@ -1484,6 +1484,7 @@ def score_all(text: str) -> dict[str, float]:
 
 
 REPETITION_NGRAM = 3
+_REPETITION_TOKEN_RE = re.compile(f"{_WORD_RE.pattern}|{_EMOJI_RE.pattern}")
 LOOPING_THRESHOLD = 0.3  # a fluent answer repeats a few three-word phrases (≤ 0.1); a loop repeats most of them
 
 
@@ -1492,9 +1493,10 @@ def repetition(text: str, n: int = REPETITION_NGRAM) -> float:
 
     Not a behaviour axis but a guard on them: an LM stuck in a loop ("drei-drei-drei ...") can
     reach any verbosity score, so steering results report this beside the gold scores. Words are
-    the scorers' tokens (case-folded, punctuation split off); fewer than n + 1 words score 0.
+    the scorers' tokens (case-folded, punctuation split off) and each emoji; fewer than n + 1
+    tokens score 0.
     """
-    toks = _WORD_RE.findall((text or "").lower())
+    toks = _REPETITION_TOKEN_RE.findall((text or "").lower())
     grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
     if len(grams) < 2:
         return 0.0

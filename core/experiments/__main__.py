@@ -1,5 +1,6 @@
 """python -m core.experiments synthetic|identifiability [--out DIR] [--seed N]
-python -m core.experiments steering --bundle DIR --json OUT [...]   (see steering --help)"""
+python -m core.experiments steering --bundle DIR --json OUT [...]   (see steering --help)
+python -m core.experiments texts OUT.texts.jsonl [...]   (rescore a steering run's generated texts)"""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         from core.experiments.steering import main as steering_main
 
         return steering_main(argv[1:])
+    if argv[:1] == ["texts"]:
+        from core.experiments.steering import texts_main
+
+        return texts_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m core.experiments", description=__doc__)
     ap.add_argument("experiment", choices=("synthetic", "identifiability", "steering"))
     ap.add_argument("--out", type=Path, default=None, help="output folder (default results/<experiment>)")

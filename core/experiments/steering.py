@@ -23,6 +23,7 @@ context. Writes JSON (every number, the target checks) and an HTML page of figur
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -486,6 +487,40 @@ def format_summary(res: dict[str, Any]) -> str:
             lines.append(f"    {t:18s} own " + " ".join(f"{g['steered'][t][k][c]['mean']:+.2f}" for c in g["columns"])
                          + "   wrong-user " + " ".join(f"{g['wrong'][t][k][c]['mean']:+.2f}" for c in g["columns"]))
     return "\n".join(lines)
+
+
+def texts_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per condition and user (continuous users pooled): the texts rescored with the current gold
+    scorers and loop measures, averaged. Rows are those of a steering run's OUT.texts.jsonl."""
+    groups: dict[str, list[np.ndarray]] = {}
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("text"), str) or "condition" not in r:
+            raise ValueError(f"row {i + 1}: expected an object with 'condition' and a string 'text'")
+        key = r["condition"] if r["condition"] in ("baseline", "continuous") else f"{r['condition']}: {r.get('user', '')}"
+        groups.setdefault(key, []).append(_scores([r["text"]])[0])
+    cols = list(P.AXES) + list(EXTRA_COLUMNS)
+    return {k: {"n": float(len(v)), **{c: float(x) for c, x in zip(cols, np.mean(v, 0))}} for k, v in sorted(groups.items())}
+
+
+def texts_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m core.experiments texts",
+                                 description="Rescore a steering run's generated texts (OUT.texts.jsonl) with the current "
+                                             "gold scorers and loop measures; prints a table per condition and user.")
+    ap.add_argument("files", type=Path, nargs="+")
+    args = ap.parse_args(argv)
+    cols = list(P.AXES) + list(EXTRA_COLUMNS)
+    for f in args.files:
+        try:
+            rows = [json.loads(line) for line in f.read_text(encoding="utf-8").split("\n") if line.strip()]  # not splitlines: U+2028 may sit in a text
+            table = texts_summary(rows)
+        except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+            print(f"error: {f}: {e}", file=sys.stderr)
+            return 2
+        print(f"== {f} ({len(rows)} texts)")
+        print(f"  {'condition':34s} {'n':>5s} " + " ".join(f"{c:>10s}" for c in cols))
+        for k, v in table.items():
+            print(f"  {k:34s} {int(v['n']):5d} " + " ".join(f"{v[c]:10.3f}" for c in cols))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

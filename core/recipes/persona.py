@@ -112,10 +112,14 @@ class RecipeConfig:
             return cls(base="tiny", seed=seed, lm_steps=600, sft_weight=0.0, policy_min_context=5,
                        policy_teacher_weight=1.0, reward_steps=600, policy_beta=0.05, policy_film_final_norm=True)
         if base == "smol":
-            # smol keeps plain MiniLM: its CPU build (hours) started before the style features existed
-            # and its policies were trained before length-grouped scoring (policy_group_rows=0)
-            return cls(base="smol", seed=seed, pairs_per_request=12, reward_steps=600, policy_steps=300, policy_batch=2,
-                       policy_targets=4, policy_lr=5e-4, embedder="minilm", policy_group_rows=0)
+            # The tiny recipe's policy settings (no SFT term, 5-10 click tasks, the NP-BTL teacher, β = 0.05,
+            # FiLM on the final norm) and MiniLM + style features, with 200 steps of 4 tasks at lr 1e-3 so that
+            # the CPU build stays near 1.6 h: against the previous smol recipe (plain MiniLM, SFT weight 1,
+            # β = 0.1, 300 steps of 2 tasks at 5e-4) NP-DPO's validation implicit-reward accuracy went from
+            # 0.734 to 0.906 and NP-BTL's test accuracy at 10 clicks from 86.7-91.0 % to 91.0-93.5 % (README).
+            return cls(base="smol", seed=seed, pairs_per_request=12, reward_steps=600, policy_steps=200, policy_batch=4,
+                       policy_targets=4, policy_lr=1e-3, embedder="minilm+style", sft_weight=0.0, policy_min_context=5,
+                       policy_teacher_weight=1.0, policy_beta=0.05, policy_film_final_norm=True, policy_group_rows=8)
         raise ValueError(f"--base must be tiny or smol, got {base!r}")
 
 

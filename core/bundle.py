@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from core.atomic import current_umask
+
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
 
@@ -53,9 +55,7 @@ def write_dir_atomic(path: str | os.PathLike, files: dict[str, bytes]) -> Path:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp creates 0700; give the folder normal permissions
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700; give the folder normal permissions
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"

@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from core.atomic import write_jsonl_atomic
 
 SPLITS = ("train", "val", "test")
 CHOICE_VALUES = (0.0, 0.5, 1.0)
@@ -301,12 +302,6 @@ def _kind(v: str | list[float]) -> str:
     return "text" if isinstance(v, str) else "numeric"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def load_pairs(path: str | os.PathLike) -> PairSet:
     """Read and validate a JSONL pairs file; raise PairsFormatError at the first bad line."""
     path = Path(path)
@@ -341,16 +336,4 @@ def write_pairs(path: str | os.PathLike, pairs: PairSet | Sequence[dict[str, Any
     """Write pairs as JSONL, atomically; records are validated first, so a bad one writes nothing."""
     path = Path(path)
     pairset = pairs if isinstance(pairs, PairSet) else pairs_from_records(pairs, source=str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in pairset.to_records():
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_jsonl_atomic(path, pairset.to_records())

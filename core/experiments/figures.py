@@ -11,9 +11,10 @@ import html
 import importlib.util
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from core.atomic import write_text_atomic
 
 Figure = dict[str, Any]
 PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
@@ -67,23 +68,9 @@ def write_html(path: str | os.PathLike, figures: list[Figure], title: str, notes
             f"<h2 style='text-align:center'>{html.escape(title)}</h2>"
             f"<p style='max-width:980px;margin:auto'>{html.escape(notes)}</p>{''.join(divs)}"
             f"<script>{''.join(calls)}</script></body></html>")
-    return _write_text(path, page)
-
-
-def _write_text(path: Path, text: str) -> Path:
-    """Atomically: a temporary file beside `path`, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, page)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return _write_text(Path(path), json.dumps(obj, indent=2) + "\n")
+    return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
-
-def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
-    """One JSON object per line, written atomically."""
-    return _write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.atomic import write_jsonl_atomic
 from core.data import personas as P
 from core.data.pairs import PairSet, load_pairs
 from core.evaluate import conflict_sums, evaluate_cells, policy_score_fn, reward_score_fn
@@ -168,12 +169,16 @@ def _generate(policy, prompts: list[str], z: torch.Tensor | None, cfg: SteeringC
 
 
 EXTRA_COLUMNS = ("words", "repetition", "looping")  # after the axes: length, and guards against degenerate loops
+TEXT_COLUMNS = (*P.AXES, *EXTRA_COLUMNS)  # the columns of `_scores`
 
 
 def _scores(texts: list[str]) -> np.ndarray:
     """(n, A + 3): gold axis scores, word counts, repeated-trigram shares and looping flags (0 / 1)."""
-    return np.array([[*P.score_all(t).values(), P.word_count(t), P.repetition(t), float(P.is_looping(t))]
-                     for t in texts], dtype=np.float64)
+    rows = []
+    for t in texts:
+        rep = P.repetition(t)
+        rows.append([*P.score_all(t).values(), P.word_count(t), rep, float(rep > P.LOOPING_THRESHOLD)])  # = is_looping(t)
+    return np.array(rows, dtype=np.float64).reshape(len(texts), len(P.AXES) + len(EXTRA_COLUMNS))
 
 
 def generation_suite(bundle: PersonaBundle, pairs: PairSet, emb, cfg: SteeringConfig, log=print,
@@ -223,7 +228,7 @@ def generation_suite(bundle: PersonaBundle, pairs: PairSet, emb, cfg: SteeringCo
         sc = _scores(texts).reshape(len(Z), P_, W)  # (J [+ K], P, W)
         base = _scores(base_texts)  # (P, W)
         if texts_out is not None:
-            conds = [(c, t, n) for c, t, n in jobs] + [("continuous", f"user {u}", max_c) for u in range(len(Z) - len(jobs))]
+            conds = list(jobs) + [("continuous", f"user {u}", max_c) for u in range(len(Z) - len(jobs))]
             for j, (cond, t, n_c) in enumerate(conds):
                 for q, prompt in enumerate(eval_prompts):
                     texts_out.append({"seed": s, "condition": cond, "user": t, "n_context": n_c, "prompt": prompt,
@@ -447,7 +452,7 @@ def run(bundle_dir: Path, json_out: Path, cfg: SteeringConfig, pairs_path: Path 
         t = time.time()
         texts: list[dict[str, Any]] = []
         res["generation"] = generation_suite(bundle, pairs, emb, cfg, log, texts_out=texts)
-        texts_file = F.write_jsonl(json_out.with_suffix(".texts.jsonl"), texts)
+        texts_file = write_jsonl_atomic(json_out.with_suffix(".texts.jsonl"), texts)
         res["generation"]["texts"] = str(texts_file)
         log(f"(iii) generation: {time.time() - t:.0f} s ({len(texts)} texts in {texts_file})")
     if "map" in parts:
@@ -498,8 +503,7 @@ def texts_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             raise ValueError(f"row {i + 1}: expected an object with 'condition' and a string 'text'")
         key = r["condition"] if r["condition"] in ("baseline", "continuous") else f"{r['condition']}: {r.get('user', '')}"
         groups.setdefault(key, []).append(_scores([r["text"]])[0])
-    cols = list(P.AXES) + list(EXTRA_COLUMNS)
-    return {k: {"n": float(len(v)), **{c: float(x) for c, x in zip(cols, np.mean(v, 0))}} for k, v in sorted(groups.items())}
+    return {k: {"n": float(len(v)), **{c: float(x) for c, x in zip(TEXT_COLUMNS, np.mean(v, 0))}} for k, v in sorted(groups.items())}
 
 
 def texts_main(argv: list[str] | None = None) -> int:
@@ -508,7 +512,6 @@ def texts_main(argv: list[str] | None = None) -> int:
                                              "gold scorers and loop measures; prints a table per condition and user.")
     ap.add_argument("files", type=Path, nargs="+")
     args = ap.parse_args(argv)
-    cols = list(P.AXES) + list(EXTRA_COLUMNS)
     for f in args.files:
         try:
             rows = [json.loads(line) for line in f.read_text(encoding="utf-8").split("\n") if line.strip()]  # not splitlines: U+2028 may sit in a text
@@ -517,9 +520,9 @@ def texts_main(argv: list[str] | None = None) -> int:
             print(f"error: {f}: {e}", file=sys.stderr)
             return 2
         print(f"== {f} ({len(rows)} texts)")
-        print(f"  {'condition':34s} {'n':>5s} " + " ".join(f"{c:>10s}" for c in cols))
+        print(f"  {'condition':34s} {'n':>5s} " + " ".join(f"{c:>10s}" for c in TEXT_COLUMNS))
         for k, v in table.items():
-            print(f"  {k:34s} {int(v['n']):5d} " + " ".join(f"{v[c]:10.3f}" for c in cols))
+            print(f"  {k:34s} {int(v['n']):5d} " + " ".join(f"{v[c]:10.3f}" for c in TEXT_COLUMNS))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Persona bundles: one folder with everything the demo and the steering experiment need.
 
-    bundle.json          manifest (kind "persona"): recipe, axes, archetypes, sha256 of every file
+    bundle.json          manifest (kind "persona"): recipe, axes, archetypes, decoding, sha256 of every file
     reward/              NP-BTL (latent) reward bundle: q(z | C) and r(x, z)
     policy/              NP-DPO policy bundle (LoRA + FiLM + the same, frozen, context encoder)
     dpo/                 the unconditioned DPO baseline (LoRA only), same base
@@ -165,6 +165,38 @@ def simulate_contexts(pairs, emb: tuple[torch.Tensor, torch.Tensor], users: np.n
     return emb[0][t], emb[1][t], torch.from_numpy(choice), torch.ones(t.shape, dtype=torch.bool)
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """The bundle's decoding settings, which the demo and the steering experiment share.
+
+    Greedy decoding of a small policy falls into loops ("out out out ..."); CTRL's repetition
+    penalty (> 1) keeps most answers out of them. A bundle without the entry decodes plainly.
+    """
+
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "decoding") -> "Decoding":
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise BundleError(f"{where}: expected an object, got {type(d).__name__}")
+        unknown = sorted(set(d) - {"repetition_penalty", "no_repeat_ngram_size"})
+        if unknown:
+            raise BundleError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+        rp, ng = d.get("repetition_penalty", 1.0), d.get("no_repeat_ngram_size", 0)
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not (math.isfinite(rp) and rp > 0):
+            raise BundleError(f"{where}: repetition_penalty must be a number > 0, got {rp!r}")
+        if isinstance(ng, bool) or not isinstance(ng, int) or ng < 0:
+            raise BundleError(f"{where}: no_repeat_ngram_size must be a whole number ≥ 0, got {ng!r}")
+        return cls(float(rp), ng)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The bundle.json entry; also `SteerablePolicy.generate`'s keyword arguments."""
+        return {"repetition_penalty": self.repetition_penalty, "no_repeat_ngram_size": self.no_repeat_ngram_size}
+
+
 @dataclass
 class PersonaBundle:
     path: Path
@@ -175,6 +207,7 @@ class PersonaBundle:
     pool_emb: tuple[torch.Tensor, torch.Tensor]  # (P, d) each
     policy: Any = None  # core.policy.SteerablePolicy (NP-DPO), when loaded
     dpo: Any = None  # the DPO baseline, when loaded
+    decoding: Decoding = field(default_factory=Decoding)  # bundle.json `decoding`
 
     @property
     def name(self) -> str:
@@ -187,6 +220,7 @@ class PersonaBundle:
     @property
     def archetypes(self) -> dict[str, list[float]]:
         return dict(self.map.anchors)
+
 
 
 def _sub_manifest_ok(path: Path, sub: str, meta: dict[str, Any]) -> None:
@@ -210,6 +244,7 @@ def load_persona_bundle(path: str | os.PathLike, device: str | torch.device = "c
         read_file_checked(path, name, meta)
     for sub in ("reward", "policy") + (("dpo",) if dpo else ()):
         _sub_manifest_ok(path, sub, meta)
+    decoding = Decoding.from_dict(meta.get("decoding"), f"{path}/bundle.json: decoding")
     reward, _ = load_reward_bundle(path / "reward")
     reward.eval()
     try:
@@ -233,7 +268,8 @@ def load_persona_bundle(path: str | os.PathLike, device: str | torch.device = "c
                           f"got {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in pe.items())}}}")
     if pe["a"].shape[1] != reward.cfg.d_in:
         raise BundleError(f"{path}: pool embeddings are {pe['a'].shape[1]}-d, the reward model reads {reward.cfg.d_in}-d")
-    out = PersonaBundle(path=path, meta=meta, reward=reward, map=mp, pool=pool, pool_emb=(pe["a"], pe["b"]))
+    out = PersonaBundle(path=path, meta=meta, reward=reward, map=mp, pool=pool, pool_emb=(pe["a"], pe["b"]),
+                        decoding=decoding)
     base_dir = path / "base" if "base/config.json" in meta["files"] else None
     from core.bundle import load_policy_bundle
 

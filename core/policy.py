@@ -563,12 +563,19 @@ class SteerablePolicy(nn.Module):
     def generate(self, prompts: Sequence[str], z: torch.Tensor | None = None, max_new_tokens: int = 128,
                  do_sample: bool = False, temperature: float = 0.8, top_p: float = 0.95, seed: int | None = None,
                  base: bool = False, use_cache: bool = True, streamer: BatchStreamer | None = None,
-                 return_tokens: bool = False, min_new_tokens: int = 0) -> list[str] | list[list[int]]:
+                 return_tokens: bool = False, min_new_tokens: int = 0, repetition_penalty: float = 1.0,
+                 no_repeat_ngram_size: int = 0) -> list[str] | list[list[int]]:
         """Responses for a batch of prompts; z is (B, d_z) (one per row), (d_z,) for all, or None.
 
         base=True generates with the plain base model (LoRA and FiLM off). return_tokens gives
         the generated token ids up to (not including) the end of turn instead of text.
+        repetition_penalty > 1 divides the (positive) logits of tokens already in the row, prompt
+        included (CTRL's penalty); no_repeat_ngram_size = n > 0 forbids any token n-gram twice in a row.
         """
+        if not repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        if no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be ≥ 0, got {no_repeat_ngram_size}")
         prompts = list(prompts)
         if not prompts:
             return []
@@ -577,7 +584,9 @@ class SteerablePolicy(nn.Module):
         mode = self.reference() if base else self.conditioned(zr)
         kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
                                   do_sample=False, use_cache=use_cache,
-                                  eos_token_id=self.chat.stop_ids, pad_token_id=self.pad_id, streamer=streamer)
+                                  eos_token_id=self.chat.stop_ids, pad_token_id=self.pad_id, streamer=streamer,
+                                  repetition_penalty=None if repetition_penalty == 1.0 else float(repetition_penalty),
+                                  no_repeat_ngram_size=int(no_repeat_ngram_size) or None)
         if do_sample:  # our own sampler with a private generator: seeded runs are thread-safe
             from transformers import LogitsProcessorList
             kw["logits_processor"] = LogitsProcessorList([SeededSampler(temperature, top_p, seed)])

@@ -136,7 +136,7 @@ class DemoApp:
         return {"bundle": self.bundle.name, "path": str(self.bundle_dir),
                 "base": str(base.get("name") or base.get("spec") or pol.cfg.base), "parameters": int(n), "device": self.device, "d_z": int(pol.cfg.d_z),
                 "axes": self.bundle.axes, "archetypes": self.bundle.archetypes, "pool": len(self.bundle.pool),
-                "load_seconds": round(self.load_seconds, 2)}
+                "decoding": self.bundle.decoding.to_dict(), "load_seconds": round(self.load_seconds, 2)}
 
     # -- state -----------------------------------------------------------------------------
     @staticmethod
@@ -258,10 +258,11 @@ class DemoApp:
 
     def decoding_kw(self, decoding: str = "greedy", seed: Any = 0) -> dict[str, Any]:
         """generate() options for a decoding choice: greedy, or sampling at SAMPLE_TEMPERATURE with a
-        seed (the same seed gives the same answer; steered and baseline share it)."""
+        seed (the same seed gives the same answer; steered and baseline share it), with the bundle's
+        repetition settings either way."""
         if decoding not in DECODINGS:
             raise DemoError(f"decoding must be one of {', '.join(map(repr, DECODINGS))}, got {decoding!r}")
-        kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
+        kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, **self.bundle.decoding.to_dict()}
         if decoding == "sample":
             try:
                 s = float(seed)

@@ -370,7 +370,8 @@ def build(app: DemoApp) -> gr.Blocks:
         with gr.Row():
             decoding = gr.Radio(list(DECODINGS), value="greedy", label="Decoding", elem_id="decoding",
                                 info=f"greedy: the single most likely answer; sample: temperature {SAMPLE_TEMPERATURE}, "
-                                     f"top-p {SAMPLE_TOP_P} (steered and baseline share the seed)")
+                                     f"top-p {SAMPLE_TOP_P} (steered and baseline share the seed)"
+                                     + (f"; both with repetition penalty {rp}" if (rp := info["decoding"]["repetition_penalty"]) != 1.0 else ""))
             seed = gr.Number(0, label="Sampling seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
         with gr.Row():
             with gr.Column():

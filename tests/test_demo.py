@@ -73,6 +73,10 @@ def test_model_info_and_default_bundle(app, monkeypatch):
 
     info = app.model_info()
     assert info["bundle"] == "persona-tiny" and info["device"] == "cpu" and info["pool"] > 100
+    # the bundle's decoding settings reach both decodings (what the steering experiment measured)
+    assert info["decoding"] == app.bundle.decoding.to_dict() and info["decoding"]["repetition_penalty"] > 1
+    for kw in (app.decoding_kw("greedy"), app.decoding_kw("sample", 3)):
+        assert kw["repetition_penalty"] == info["decoding"]["repetition_penalty"]
     monkeypatch.setenv(BUNDLE_ENV, "/somewhere/else")
     assert resolve_bundle(None) == Path("/somewhere/else")
     assert resolve_bundle("x") == Path("x")

@@ -85,7 +85,9 @@ def test_steering_cli_quick_on_the_shipped_tiny_bundle(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
-    assert res["generation"]["decoding"] == "sample T=0.7 top-p 0.95"
+    rp = json.loads((ROOT / "assets/models/persona-tiny/bundle.json").read_text())["decoding"]["repetition_penalty"]
+    assert res["generation"]["decoding"] == f"sample T=0.7 top-p 0.95, repetition penalty {rp}"  # the bundle's, as in the demo
+    assert res["generation"]["repetition_penalty"] == rp and res["generation"]["no_repeat_ngram"] == 0
     assert set(res["reward"]["accuracy"]["busy executive"]) == {"0", "1", "5"}
     assert len(res["targets"]) == 9 and all("met" in v for v in res["targets"].values())
     figs = figures_in(out.with_suffix(".html").read_text())
@@ -102,6 +104,8 @@ def test_steering_cli_quick_on_the_shipped_tiny_bundle(tmp_path):
 
     table = texts_summary(rows)  # rescoring reproduces the run's own means
     assert table["baseline"]["n"] == len(base) and abs(table["baseline"]["tone"] - g["baseline"]["tone"]["mean"]) < 1e-6
+    n_long = sum(len(r["text"]) >= 300 for r in base)
+    assert table["baseline"]["n_long"] == n_long and np.isnan(table["baseline"]["compression"]) == (n_long == 0)
     assert texts_main([g["texts"]]) == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"condition": "baseline", "text": 3}\n')
@@ -112,3 +116,9 @@ def test_steering_cli_quick_on_the_shipped_tiny_bundle(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert json.loads(again.read_text())["generation"]["examples"] == res["generation"]["examples"]  # seeded
+    plain = tmp_path / "plain.json"
+    r = subprocess.run(cmd[:-6] + [str(plain), "--quick", "--parts", "generation", "--repetition-penalty", "1",
+                                   "--no-repeat-ngram", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    g = json.loads(plain.read_text())["generation"]  # flags override the bundle's settings
+    assert g["decoding"] == "greedy, no repeated 3-grams" and g["repetition_penalty"] == 1.0 and g["no_repeat_ngram"] == 3

@@ -194,6 +194,30 @@ def test_tampered_or_mislabelled_persona_bundle_is_refused(tmp_path):
         load_persona_bundle(TINY / "reward", policy=False, dpo=False)
 
 
+def test_decoding_settings_are_validated_and_a_bad_entry_refuses_the_bundle(tmp_path):
+    from core.persona import Decoding
+
+    assert Decoding.from_dict(None) == Decoding()
+    assert Decoding().to_dict() == {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}  # plain decoding
+    d = Decoding.from_dict({"repetition_penalty": 1.2, "no_repeat_ngram_size": 4})
+    assert Decoding.from_dict(d.to_dict()) == d and d.to_dict()["repetition_penalty"] == 1.2
+    for bad, what in (([1.2], "expected an object"), ({"repetition_penalty": 0}, "repetition_penalty"),
+                      ({"repetition_penalty": "1.2"}, "repetition_penalty"), ({"repetition_penalty": float("nan")}, "> 0"),
+                      ({"no_repeat_ngram_size": 2.5}, "no_repeat_ngram_size"), ({"no_repeat_ngram_size": True}, "whole"),
+                      ({"temperature": 0.7}, "unknown setting")):
+        with pytest.raises(BundleError, match=what):
+            Decoding.from_dict(bad)
+    if not (TINY / "bundle.json").is_file():
+        return
+    dst = tmp_path / "b"
+    shutil.copytree(TINY, dst)
+    meta = json.loads((dst / "bundle.json").read_text())
+    meta["decoding"] = {"repetition_penalty": -1}
+    (dst / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"bundle.json: decoding: repetition_penalty must be a number > 0, got -1"):
+        load_persona_bundle(dst, policy=False, dpo=False)
+
+
 def test_bounded_map_projects_onto_the_box_and_round_trips():
     rng = np.random.default_rng(4)
     w, z, A, c = _noisy_latents(rng, noise=0.0)
@@ -296,6 +320,10 @@ def test_shipped_bundles_record_the_recipe_that_rebuilds_them(name):
     for k in set(want) - set(recipe):
         assert k in added_off and want[k] == added_off[k], k
     assert {k: want[k] for k in recipe} == recipe
+    from core.persona import Decoding
+
+    meta = json.loads((path / "bundle.json").read_text())
+    assert meta["decoding"] == Decoding(repetition_penalty=recipe["repetition_penalty"]).to_dict()  # what the recipe writes
 
 
 @pytest.mark.slow
@@ -303,7 +331,7 @@ def test_recipe_builds_the_same_bundle_with_the_policies_side_by_side_or_in_turn
     """--jobs 2 trains the DPO baseline in a second process; --jobs 1 after NP-DPO: the same tensors."""
     import shutil
 
-    from core.recipes.persona import main
+    from core.recipes.persona import RecipeConfig, main
 
     small = ["--set", "embedder=style", "--set", "lm_steps=5", "--set", "lm_examples=300", "--set", "reward_steps=5",
              "--set", "policy_steps=3", "--set", "pairs_per_request=2", "--set", "map_users=40", "--set", "pool_size=20"]
@@ -319,5 +347,6 @@ def test_recipe_builds_the_same_bundle_with_the_policies_side_by_side_or_in_turn
         b = (tmp_path / "one" / f) if not f.startswith("reference") else tmp_path / "one.work" / f
         assert a.read_bytes() == b.read_bytes(), f
     meta = json.loads((tmp_path / "one" / "bundle.json").read_text())
+    assert meta["decoding"]["repetition_penalty"] == RecipeConfig.for_base("tiny").repetition_penalty
     assert meta["policy_threads"] >= 1 and json.loads((tmp_path / "one" / "policy" / "bundle.json").read_text())[
         "metrics"]["steps"] == 3

@@ -143,6 +143,20 @@ def test_repetition_flags_loops_not_fluent_answers():
         assert not P.is_looping(text[2]), text[2]
 
 
+def test_compression_ratio_sees_loops_that_dodge_exact_repeats():
+    import zlib
+
+    assert P.compression_ratio("") == 1.0
+    assert P.compression_ratio("abc abc") == len(zlib.compress(b"abc abc", 9)) / 7  # the definition
+    # what a decoder that forbids repeated 4-grams made of a loop: no trigram repeats twice in a row
+    rng = np.random.default_rng(0)
+    variant = "-".join("dre" + "e" * int(rng.integers(0, 4)) + "abcdefgh"[int(rng.integers(0, 8))] for _ in range(80))
+    assert P.repetition(variant) < 0.1 and P.compression_ratio(variant) < 0.3
+    assert P.compression_ratio("The best way to study is " + "-".join(["drei"] * 80)) < 0.2
+    long = [t[2] for t in P.corpus(n=600) if len(t[2]) >= P.COMPRESSION_MIN_CHARS]
+    assert len(long) > 50 and min(map(P.compression_ratio, long)) > 0.5  # fluent answers
+
+
 # --- responses -------------------------------------------------------------------------------
 
 def test_scores_track_the_rendering_style():

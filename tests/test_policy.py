@@ -328,6 +328,32 @@ def test_seeded_sampling_is_reproducible_thread_safe_and_reduces_to_greedy(tok):
         policy.generate(PROMPTS, z, do_sample=True, temperature=0.0)
 
 
+def test_repetition_controls_in_decoding(tok):
+    policy = make_policy("gpt2", tok)
+    _perturb(policy)
+    z = torch.randn(2, 4)
+    plain = policy.generate(PROMPTS, z, max_new_tokens=40, return_tokens=True)
+    assert policy.generate(PROMPTS, z, max_new_tokens=40, return_tokens=True, repetition_penalty=1.0,
+                           no_repeat_ngram_size=0) == plain  # the neutral values are plain greedy decoding
+
+    def repeats(row: list[int], n: int) -> int:
+        grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+        return len(grams) - len(set(grams))
+
+    assert any(repeats(r, 2) for r in plain)  # the perturbed toy policy loops, so the control has work to do
+    capped = policy.generate(PROMPTS, z, max_new_tokens=40, return_tokens=True, no_repeat_ngram_size=2)
+    assert all(repeats(r, 2) == 0 for r in capped)
+    sampled = policy.generate(PROMPTS, z, max_new_tokens=40, return_tokens=True, no_repeat_ngram_size=2,
+                              do_sample=True, temperature=1.5, seed=3)
+    assert all(repeats(r, 2) == 0 for r in sampled)  # applied before our seeded sampler draws
+    penalised = policy.generate(PROMPTS, z, max_new_tokens=40, return_tokens=True, repetition_penalty=5.0)
+    assert penalised != plain
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        policy.generate(PROMPTS, z, repetition_penalty=0.0)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        policy.generate(PROMPTS, z, no_repeat_ngram_size=-1)
+
+
 def test_lm_embedder_last_token_is_padding_invariant(tok):
     policy = make_policy("llama", tok)
     _perturb(policy)

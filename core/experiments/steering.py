@@ -26,7 +26,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,10 @@ class SteeringConfig:
     decoding: str = "greedy"  # greedy | sample (temperature, top_p; seeded per seed and batch)
     temperature: float = 0.7
     top_p: float = 0.95
+    # SteerablePolicy.generate's repetition_penalty (1 = none) and no_repeat_ngram_size (0 = none);
+    # None takes the bundle's own (its bundle.json `decoding`, what the demo uses)
+    repetition_penalty: float | None = None
+    no_repeat_ngram: int | None = None
     map_draws: int = 200  # context draws per archetype and N_C for the map error
     check_context: int = 5  # N_C at which generation targets are checked
     targets: dict[str, float] = field(default_factory=lambda: {
@@ -154,15 +158,24 @@ def _latents(encoder, emb, rows: np.ndarray, choices: np.ndarray) -> torch.Tenso
               torch.ones(t.shape, dtype=torch.bool))
 
 
+def _decoding_name(cfg: SteeringConfig) -> str:
+    name = cfg.decoding if cfg.decoding == "greedy" else f"sample T={cfg.temperature} top-p {cfg.top_p}"
+    if cfg.repetition_penalty != 1.0:
+        name += f", repetition penalty {cfg.repetition_penalty}"
+    if cfg.no_repeat_ngram:
+        name += f", no repeated {cfg.no_repeat_ngram}-grams"
+    return name
+
+
 def _generate(policy, prompts: list[str], z: torch.Tensor | None, cfg: SteeringConfig, seed: int = 0) -> list[str]:
     if cfg.decoding not in ("greedy", "sample"):
         raise ValueError(f"decoding must be greedy or sample, got {cfg.decoding!r}")
     out: list[str] = []
     for k, i in enumerate(range(0, len(prompts), cfg.gen_batch)):
         zi = None if z is None else z[i:i + cfg.gen_batch]
-        kw = {}
+        kw: dict[str, Any] = dict(repetition_penalty=cfg.repetition_penalty, no_repeat_ngram_size=cfg.no_repeat_ngram)
         if cfg.decoding == "sample":
-            kw = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+            kw.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
                       seed=int(np.random.SeedSequence([cfg.seed, seed, k]).generate_state(1)[0]))
         out += policy.generate(prompts[i:i + cfg.gen_batch], zi, max_new_tokens=cfg.max_new_tokens, **kw)
     return out
@@ -184,6 +197,9 @@ def _scores(texts: list[str]) -> np.ndarray:
 def generation_suite(bundle: PersonaBundle, pairs: PairSet, emb, cfg: SteeringConfig, log=print,
                      texts_out: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Generation steering (iii); every generated text is appended to `texts_out` when given."""
+    dec = bundle.decoding
+    cfg = replace(cfg, repetition_penalty=dec.repetition_penalty if cfg.repetition_penalty is None else cfg.repetition_penalty,
+                  no_repeat_ngram=dec.no_repeat_ngram_size if cfg.no_repeat_ngram is None else cfg.no_repeat_ngram)
     policy, dpo = bundle.policy, bundle.dpo
     anchors = bundle.archetypes
     names = list(anchors)
@@ -257,7 +273,8 @@ def generation_suite(bundle: PersonaBundle, pairs: PairSet, emb, cfg: SteeringCo
 
     out: dict[str, Any] = {"columns": cols, "seeds": cfg.gen_seeds, "prompts_per_seed": cfg.gen_prompts,
                            "max_new_tokens": cfg.max_new_tokens,
-                           "decoding": cfg.decoding if cfg.decoding == "greedy" else f"sample T={cfg.temperature} top-p {cfg.top_p}",
+                           "decoding": _decoding_name(cfg), "repetition_penalty": cfg.repetition_penalty,
+                           "no_repeat_ngram": cfg.no_repeat_ngram,
                            "baseline": stat([s_["baseline"] for s_ in per_seed]), "steered": {}, "wrong": {},
                            "examples": examples}
     for cond in ("steered", "wrong"):
@@ -496,20 +513,28 @@ def format_summary(res: dict[str, Any]) -> str:
 
 def texts_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per condition and user (continuous users pooled): the texts rescored with the current gold
-    scorers and loop measures, averaged. Rows are those of a steering run's OUT.texts.jsonl."""
+    scorers and loop measures, averaged, and the mean zlib compression ratio of the `n_long` texts of
+    `P.COMPRESSION_MIN_CHARS` or more (NaN without one). Rows are those of a steering run's OUT.texts.jsonl."""
     groups: dict[str, list[np.ndarray]] = {}
+    ratios: dict[str, list[float]] = {}
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or not isinstance(r.get("text"), str) or "condition" not in r:
             raise ValueError(f"row {i + 1}: expected an object with 'condition' and a string 'text'")
         key = r["condition"] if r["condition"] in ("baseline", "continuous") else f"{r['condition']}: {r.get('user', '')}"
         groups.setdefault(key, []).append(_scores([r["text"]])[0])
-    return {k: {"n": float(len(v)), **{c: float(x) for c, x in zip(TEXT_COLUMNS, np.mean(v, 0))}} for k, v in sorted(groups.items())}
+        if len(r["text"]) >= P.COMPRESSION_MIN_CHARS:
+            ratios.setdefault(key, []).append(P.compression_ratio(r["text"]))
+    return {k: {"n": float(len(v)), **{c: float(x) for c, x in zip(TEXT_COLUMNS, np.mean(v, 0))},
+                "n_long": float(len(ratios.get(k, []))),
+                "compression": float(np.mean(ratios[k])) if k in ratios else float("nan")}
+            for k, v in sorted(groups.items())}
 
 
 def texts_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m core.experiments texts",
                                  description="Rescore a steering run's generated texts (OUT.texts.jsonl) with the current "
-                                             "gold scorers and loop measures; prints a table per condition and user.")
+                                             "gold scorers and loop measures; prints a table per condition and user, with "
+                                             "the mean zlib compression ratio of the long texts.")
     ap.add_argument("files", type=Path, nargs="+")
     args = ap.parse_args(argv)
     for f in args.files:
@@ -520,9 +545,11 @@ def texts_main(argv: list[str] | None = None) -> int:
             print(f"error: {f}: {e}", file=sys.stderr)
             return 2
         print(f"== {f} ({len(rows)} texts)")
-        print(f"  {'condition':34s} {'n':>5s} " + " ".join(f"{c:>10s}" for c in TEXT_COLUMNS))
+        print(f"  {'condition':34s} {'n':>5s} " + " ".join(f"{c:>10s}" for c in TEXT_COLUMNS)
+              + f" {'n_long':>6s} {'compression':>11s}")
         for k, v in table.items():
-            print(f"  {k:34s} {int(v['n']):5d} " + " ".join(f"{v[c]:10.3f}" for c in TEXT_COLUMNS))
+            print(f"  {k:34s} {int(v['n']):5d} " + " ".join(f"{v[c]:10.3f}" for c in TEXT_COLUMNS)
+                  + f" {int(v['n_long']):6d} {v['compression']:11.3f}")
     return 0
 
 
@@ -542,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decoding", choices=("greedy", "sample"), default=SteeringConfig.decoding,
                     help="greedy (what the demo shows) or seeded sampling at --temperature")
     ap.add_argument("--temperature", type=float, default=SteeringConfig.temperature)
+    ap.add_argument("--repetition-penalty", type=float, default=SteeringConfig.repetition_penalty,
+                    help="CTRL repetition penalty in decoding (1 = none; default: the bundle's)")
+    ap.add_argument("--no-repeat-ngram", type=int, default=SteeringConfig.no_repeat_ngram,
+                    help="forbid repeating any token n-gram of this size in an answer (0 = none; default: the bundle's)")
     ap.add_argument("--gen-contexts", help="comma-separated N_C values to generate at (default: all); must include 5")
     ap.add_argument("--parts", default="reward,policy,dpo,generation,map",
                     help="comma-separated subset of reward,policy,dpo,generation,map")
@@ -551,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = sorted(set(parts) - {"reward", "policy", "dpo", "generation", "map"})
     if bad:
         ap.error(f"unknown --parts {', '.join(bad)}")
-    gen_kw = dict(decoding=args.decoding, temperature=args.temperature,
+    gen_kw = dict(decoding=args.decoding, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+                  no_repeat_ngram=args.no_repeat_ngram,
                   gen_contexts=tuple(int(c) for c in args.gen_contexts.split(",")) if args.gen_contexts else None)
     cfg = SteeringConfig(seed=args.seed, gen_seeds=args.gen_seeds, gen_prompts=args.gen_prompts,
                          policy_tasks=args.policy_tasks, reward_tasks=args.reward_tasks, max_new_tokens=args.max_new_tokens,

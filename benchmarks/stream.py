@@ -3,7 +3,7 @@ token and tokens/s after it, per dtype, for a policy on a given base (LoRA merge
 the non-trivial random adapters of benchmarks/policy.py's `build_policy`).
 
     PYTHONPATH=. python benchmarks/stream.py [--base smollm2-135m-instruct] [--dtypes fp32 bf16]
-        [--threads 1] [--tokens 128] [--repeats 3] [--json OUT]
+        [--threads 1] [--tokens 128] [--repeats 3] [--repetition-penalty 1.1] [--json OUT]
 
 Budget (DESIGN.md): ≥ 25 tokens/s of steered streaming for the SmolLM2 bundle.
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.policy import DTYPES, PROMPT, build_policy  # noqa: E402
 
 
-def measure(base: str, dtype: str, tokens: int, repeats: int) -> dict[str, float]:
+def measure(base: str, dtype: str, tokens: int, repeats: int, repetition_penalty: float = 1.0) -> dict[str, float]:
     policy = build_policy(base, DTYPES[dtype], "cpu")
     policy.merge_for_inference()
     z = torch.randn(1, policy.cfg.d_z, generator=torch.Generator().manual_seed(1))
@@ -33,7 +33,8 @@ def measure(base: str, dtype: str, tokens: int, repeats: int) -> dict[str, float
         t0 = time.perf_counter()
         first = None
         n = 0
-        for n, _texts in enumerate(policy.stream([PROMPT], z, max_new_tokens=tokens, min_new_tokens=tokens), 1):
+        it = policy.stream([PROMPT], z, max_new_tokens=tokens, min_new_tokens=tokens, repetition_penalty=repetition_penalty)
+        for n, _texts in enumerate(it, 1):
             if first is None:
                 first = time.perf_counter()
         end = time.perf_counter()
@@ -50,21 +51,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the demo's default is 1)")
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per answer (forced)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0,
+                    help="decode as a bundle with this penalty does (persona-smol: 1.1); 1 = none")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = {d: measure(args.base, d, args.tokens, args.repeats) for d in args.dtypes}
+    rows = {d: measure(args.base, d, args.tokens, args.repeats, args.repetition_penalty) for d in args.dtypes}
     from demo.handlers import cpu_has_native_bf16
 
     cpu = {"capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16()}
     print(f"steered streaming, batch 1, {args.base}, {args.threads} thread(s), {args.tokens} tokens, "
-          f"median of {args.repeats}; CPU {cpu['capability']}, native bf16: {cpu['native_bf16']} "
+          f"repetition penalty {args.repetition_penalty}, median of {args.repeats}; "
+          f"CPU {cpu['capability']}, native bf16: {cpu['native_bf16']} "
           "(the demo loads SmolLM2 in bf16 only then)")
     print("| dtype | time to first token | tokens/s (min) | budget |\n|---|---|---|---|")
     for d, r in rows.items():
         print(f"| {d} | {r['ttft_ms']:.0f} ms | {r['tokens_per_s']:.1f} ({r['tokens_per_s_min']:.1f}) | ≥ 25 (SmolLM2) |")
     if args.json:
-        args.json.write_text(json.dumps({"base": args.base, "threads": args.threads, "cpu": cpu, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"base": args.base, "threads": args.threads, "repetition_penalty": args.repetition_penalty,
+                                              "cpu": cpu, "rows": rows}, indent=2))
     return 0
 
 

@@ -569,8 +569,9 @@ class SteerablePolicy(nn.Module):
 
         base=True generates with the plain base model (LoRA and FiLM off). return_tokens gives
         the generated token ids up to (not including) the end of turn instead of text.
-        repetition_penalty > 1 divides the (positive) logits of tokens already in the row, prompt
-        included (CTRL's penalty); no_repeat_ngram_size = n > 0 forbids any token n-gram twice in a row.
+        repetition_penalty > 1 applies CTRL's penalty to the tokens this answer has already generated
+        (`AnswerRepetitionPenalty`: not the prompt's, never the end of turn); no_repeat_ngram_size = n > 0
+        forbids any token n-gram twice in a row, prompt included (transformers' processor).
         """
         if not repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
@@ -585,11 +586,15 @@ class SteerablePolicy(nn.Module):
         kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
                                   do_sample=False, use_cache=use_cache,
                                   eos_token_id=self.chat.stop_ids, pad_token_id=self.pad_id, streamer=streamer,
-                                  repetition_penalty=None if repetition_penalty == 1.0 else float(repetition_penalty),
                                   no_repeat_ngram_size=int(no_repeat_ngram_size) or None)
+        procs: list[Any] = []
+        if repetition_penalty != 1.0:
+            procs.append(AnswerRepetitionPenalty(repetition_penalty, x.shape[1], [*self.chat.stop_ids, self.pad_id]))
         if do_sample:  # our own sampler with a private generator: seeded runs are thread-safe
+            procs.append(SeededSampler(temperature, top_p, seed))
+        if procs:  # after transformers' own processors (no-repeat n-grams, min_new_tokens)
             from transformers import LogitsProcessorList
-            kw["logits_processor"] = LogitsProcessorList([SeededSampler(temperature, top_p, seed)])
+            kw["logits_processor"] = LogitsProcessorList(procs)
         was_training = self.training
         self.eval()
         try:
@@ -620,6 +625,36 @@ class SteerablePolicy(nn.Module):
         for texts in streamer:
             yield [s.strip() for s in texts]
         t.join()
+
+
+class AnswerRepetitionPenalty:
+    """CTRL's repetition penalty (Keskar et al. 2019) over the tokens generated so far: a positive
+    logit is divided by `penalty`, a negative one multiplied by it.
+
+    transformers' own processor also penalises every prompt token, and the chat template's prompt
+    holds the end-of-turn token, so with it every answer is pushed to run longer; and it discourages
+    an answer from reusing the question's words. This one reads only the answer's tokens (columns from
+    `prompt_len` on, the left-padded prompt batch's width) and leaves the `exempt` ids (end of turn,
+    padding) alone.
+    """
+
+    def __init__(self, penalty: float, prompt_len: int, exempt: Sequence[int] = ()) -> None:
+        if not penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+        self.penalty, self.prompt_len = float(penalty), int(prompt_len)
+        self.exempt = sorted({int(t) for t in exempt})
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        seen = input_ids[:, self.prompt_len:]  # (B, t) the answer so far
+        if seen.shape[1] == 0:
+            return scores
+        picked = scores.gather(1, seen)  # (B, t)
+        picked = torch.where(picked > 0, picked / self.penalty, picked * self.penalty)
+        out = scores.scatter(1, seen, picked)  # (B, V); a repeated id writes the same value
+        if self.exempt:
+            ex = torch.tensor(self.exempt, device=scores.device)
+            out[:, ex] = scores[:, ex]
+        return out
 
 
 class SeededSampler:

@@ -67,8 +67,11 @@ def test_stream_benchmark_on_the_tiny_base(tmp_path, capsys):
 
     base = Path(__file__).resolve().parents[1] / "assets/models/persona-tiny/base"
     out = tmp_path / "s.json"
-    assert stream.main(["--base", str(base), "--tokens", "6", "--repeats", "1", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    assert stream.main(["--base", str(base), "--tokens", "6", "--repeats", "1", "--repetition-penalty", "1.2",
+                        "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert res["repetition_penalty"] == 1.2
     assert set(rows) == {"fp32", "bf16"} and "| bf16 |" in capsys.readouterr().out
     assert all(_positive(r["tokens_per_s"]) and _positive(r["ttft_ms"]) and r["tokens"] == 6 for r in rows.values())
 

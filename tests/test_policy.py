@@ -328,6 +328,22 @@ def test_seeded_sampling_is_reproducible_thread_safe_and_reduces_to_greedy(tok):
         policy.generate(PROMPTS, z, do_sample=True, temperature=0.0)
 
 
+def test_answer_repetition_penalty_closed_form():
+    from core.policy import AnswerRepetitionPenalty
+
+    scores = torch.tensor([[2.0, -1.0, 3.0, 0.5, 4.0], [1.0, 1.0, -2.0, -3.0, 6.0]])  # (B=2, V=5)
+    ids = torch.tensor([[0, 3, 2, 2, 4], [3, 3, 0, 0, 1]])  # prompt of 2 columns, then the answer so far
+    out = AnswerRepetitionPenalty(2.0, prompt_len=2, exempt=[4])(ids, scores)
+    # row 0's answer is 2, 2, 4: token 2 is penalised once however often it appears, 4 is exempt (the
+    # end of turn), 0 and 3 sit only in the prompt; row 1's answer is 0, 0, 1
+    torch.testing.assert_close(out, torch.tensor([[2.0, -1.0, 1.5, 0.5, 4.0], [0.5, 0.5, -2.0, -3.0, 6.0]]))
+    torch.testing.assert_close(AnswerRepetitionPenalty(2.0, 5)(ids, scores), scores)  # nothing generated yet
+    neg = AnswerRepetitionPenalty(3.0, 0)(torch.tensor([[1]]), torch.tensor([[0.0, -1.0]]))
+    torch.testing.assert_close(neg, torch.tensor([[0.0, -3.0]]))  # a negative logit is multiplied
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        AnswerRepetitionPenalty(0.0, 1)
+
+
 def test_repetition_controls_in_decoding(tok):
     policy = make_policy("gpt2", tok)
     _perturb(policy)

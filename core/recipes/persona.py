@@ -92,8 +92,11 @@ class RecipeConfig:
     # fitting on 1-2 clicks as well keeps confident users from stopping short of their corner
     map_contexts: str = "1,2,3,5,10"
     pool_size: int = 400
-    # the bundle's decoding (persona.Decoding, bundle.json `decoding`): the demo and the steering run use it
-    repetition_penalty: float = 1.0
+    # The bundle's decoding (persona.Decoding, bundle.json `decoding`), which the demo and the steering run use:
+    # CTRL's penalty on the answer's own tokens (policy.AnswerRepetitionPenalty). Measured (README): greedy answers
+    # that loop (> 30 % repeated word trigrams) fell from up to 82 % of a condition to 11 % on tiny and from 78 %
+    # to 0 % on smol, with every generation and wrong-user cell moving the right way on both bundles.
+    repetition_penalty: float = 1.2
 
     @classmethod
     def for_base(cls, base: str, seed: int = 0) -> "RecipeConfig":
@@ -111,25 +114,17 @@ class RecipeConfig:
             # the build must fit 10 minutes on 2 cores.
             # (Every other pair of 4-pair prompt groups at the teacher's p, policy_all_pairs, scored about
             # a point higher over 4 seeds but made a whole bundle's greedy answers long for every user.)
-            # Decoding with repetition penalty 1.2 (README): greedy answers that loop (> 30 % repeated word
-            # trigrams) fell from up to 82 % per condition to at most 11 %, and every wrong-user control moved
-            # the other way (8 of 8, against 6 of 8 without it).
             return cls(base="tiny", seed=seed, lm_steps=600, sft_weight=0.0, policy_min_context=5,
-                       policy_teacher_weight=1.0, reward_steps=600, policy_beta=0.05, policy_film_final_norm=True,
-                       repetition_penalty=1.2)
+                       policy_teacher_weight=1.0, reward_steps=600, policy_beta=0.05, policy_film_final_norm=True)
         if base == "smol":
             # The tiny recipe's policy settings (no SFT term, 5-10 click tasks, the NP-BTL teacher, β = 0.05,
             # FiLM on the final norm) and MiniLM + style features, with 200 steps of 4 tasks at lr 1e-3 so that
             # the CPU build stays near 1.6 h: against the previous smol recipe (plain MiniLM, SFT weight 1,
             # β = 0.1, 300 steps of 2 tasks at 5e-4) NP-DPO's validation implicit-reward accuracy went from
             # 0.734 to 0.906 and NP-BTL's test accuracy at 10 clicks from 86.7-91.0 % to 91.0-93.5 % (README).
-            # Repetition penalty 1.1, the smallest of 1.05 / 1.1 / 1.15 / 1.2 at which greedy loops vanish (README:
-            # 78 % of the thorough analyst's answers looped without one); 1.2 made the baseline and the busy
-            # executive long.
             return cls(base="smol", seed=seed, pairs_per_request=12, reward_steps=600, policy_steps=200, policy_batch=4,
                        policy_targets=4, policy_lr=1e-3, embedder="minilm+style", sft_weight=0.0, policy_min_context=5,
-                       policy_teacher_weight=1.0, policy_beta=0.05, policy_film_final_norm=True, policy_group_rows=8,
-                       repetition_penalty=1.1)
+                       policy_teacher_weight=1.0, policy_beta=0.05, policy_film_final_norm=True, policy_group_rows=8)
         raise ValueError(f"--base must be tiny or smol, got {base!r}")
 
 

@@ -642,7 +642,7 @@ class AnswerRepetitionPenalty:
         if not penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
         self.penalty, self.prompt_len = float(penalty), int(prompt_len)
-        self.exempt = sorted({int(t) for t in exempt})
+        self.exempt = torch.tensor(sorted({int(t) for t in exempt}), dtype=torch.long)  # (E,) moved once, below
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         seen = input_ids[:, self.prompt_len:]  # (B, t) the answer so far
@@ -651,9 +651,10 @@ class AnswerRepetitionPenalty:
         picked = scores.gather(1, seen)  # (B, t)
         picked = torch.where(picked > 0, picked / self.penalty, picked * self.penalty)
         out = scores.scatter(1, seen, picked)  # (B, V); a repeated id writes the same value
-        if self.exempt:
-            ex = torch.tensor(self.exempt, device=scores.device)
-            out[:, ex] = scores[:, ex]
+        if self.exempt.numel():
+            if self.exempt.device != scores.device:  # the first step only: not a host-to-device copy per token
+                self.exempt = self.exempt.to(scores.device)
+            out[:, self.exempt] = scores[:, self.exempt]
         return out
 
 

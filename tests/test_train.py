@@ -206,7 +206,7 @@ def test_resume_refuses_a_checkpoint_from_other_data(pairs, tmp_path, monkeypatc
 
 def test_evaluate_cli_scores_a_text_reward_bundle(tmp_path, capsys):
     """Text options are embedded for the reward CLI with the embedder the bundle records (the
-    shipped persona reward: style features + hashed word rates), or with --embedder for a bundle that does
+    shipped persona reward: MiniLM + style features), or with --embedder for a bundle that does
     not record one, and an error that says so without it. A cache of another embedder, or an
     embedder of the wrong width, is refused. The shipped model must beat chance clearly at N_C = 10."""
     import shutil
@@ -220,8 +220,8 @@ def test_evaluate_cli_scores_a_text_reward_bundle(tmp_path, capsys):
         return ["reward", "--bundle", str(bundle), "--pairs", str(pairs), "--split", "test", "--contexts", "0,10",
                 "--tasks", "40", "--targets", "11", "--context-mode", "subset", "--json", str(out)]
 
-    assert json.loads((shipped / "bundle.json").read_text())["embedder"]["spec"] == "style+words"
-    cache = tmp_path / "style-words.safetensors"
+    assert json.loads((shipped / "bundle.json").read_text())["embedder"]["spec"] == "minilm+style"
+    cache = tmp_path / "minilm-style.safetensors"
     assert evaluate_main(args(shipped) + ["--embed-cache", str(cache)]) == 0
     res = json.loads(out.read_text())
     assert cache.is_file() and set(res["overall"]) == {"0", "10"}
@@ -237,8 +237,8 @@ def test_evaluate_cli_scores_a_text_reward_bundle(tmp_path, capsys):
     assert evaluate_main(args(bare) + ["--embedder", "base"]) == 2
     assert "for policies" in capsys.readouterr().err
     assert evaluate_main(args(bare) + ["--embedder", "minilm", "--embed-cache", str(tmp_path / "m.safetensors")]) == 2
-    assert "268" in capsys.readouterr().err and not out.exists()  # 384-d vectors for a 268-d model
-    assert evaluate_main(args(bare) + ["--embedder", "style+words", "--embed-cache", str(tmp_path / "m.safetensors")]) == 2
+    assert "396" in capsys.readouterr().err and not out.exists()  # 384-d vectors for a 396-d model
+    assert evaluate_main(args(bare) + ["--embedder", "minilm+style", "--embed-cache", str(tmp_path / "m.safetensors")]) == 2
     assert "cache is for 'all-minilm-l6-v2'" in capsys.readouterr().err  # a cache of the other embedder
-    assert evaluate_main(args(bare) + ["--embedder", "style+words", "--embed-cache", str(cache)]) == 0
+    assert evaluate_main(args(bare) + ["--embedder", "minilm+style", "--embed-cache", str(cache)]) == 0
     assert json.loads(out.read_text())["overall"] == res["overall"]

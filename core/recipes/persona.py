@@ -114,14 +114,8 @@ class RecipeConfig:
             # the build must fit 10 minutes on 2 cores.
             # (Every other pair of 4-pair prompt groups at the teacher's p, policy_all_pairs, scored about
             # a point higher over 4 seeds but made a whole bundle's greedy answers long for every user.)
-            # Style features + hashed word rates instead of MiniLM + style: NP-BTL at 10 clicks 92.3-94.2 %
-            # against 91.3-92.8 % on the same pairs, and the embeddings take ~1 s instead of ~3 min, which pays
-            # for twice the pairs per policy step (8 tasks x 4) at lr 5e-3: NP-DPO 92.0 / 92.1 / 92.0 % over
-            # seeds 0-2 against 89.2 % for 4 x 4 at 3e-3 (4 seeds). Those policies loop more in greedy
-            # decoding, so the bundle decodes with the answer-only repetition penalty at 1.5, not 1.2.
             return cls(base="tiny", seed=seed, lm_steps=600, sft_weight=0.0, policy_min_context=5,
-                       policy_teacher_weight=1.0, reward_steps=600, policy_beta=0.05, policy_film_final_norm=True,
-                       embedder="style+words", policy_batch=8, policy_lr=5e-3, repetition_penalty=1.5)
+                       policy_teacher_weight=1.0, reward_steps=600, policy_beta=0.05, policy_film_final_norm=True)
         if base == "smol":
             # The tiny recipe's policy settings (no SFT term, 5-10 click tasks, the NP-BTL teacher, β = 0.05,
             # FiLM on the final norm) and MiniLM + style features, with 200 steps of 4 tasks at lr 1e-3 so that

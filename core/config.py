@@ -126,7 +126,8 @@ class JobConfig:
     out: str | None = None  # bundle folder to write (the checkpoint goes to OUT.ckpt/)
     embed_cache: str | None = None  # safetensors file caching option embeddings
     # reward runs on text pairs: "minilm" (384-d sentence embeddings), "minilm+style" (plus 12 style
-    # features, core.embed.StyleFeatures) or "lm:SPEC" (the last-token
+    # features, core.embed.StyleFeatures), "style+words" (the style features and hashed word rates,
+    # core.embed.WordRates; no MiniLM), other "+" joins of minilm, style, words, or "lm:SPEC" (the last-token
     # hidden state of a causal LM given as a core.basemodels spec: a hub id or a local folder)
     embedder: str | None = None
     # policy runs
@@ -173,7 +174,7 @@ def split_job(d: dict[str, Any], kind: Literal["reward", "policy"], where: str =
     wrong = sorted(set(job) & set(JOB_ONLY[other]))
     if wrong:
         raise ValueError(f"{where}: job: key(s) {wrong} are for {other} runs, this is a {kind} run"
-                         + ("; a policy's context embedder is model.embedder (minilm | minilm+style | style | base)" if "embedder" in wrong
+                         + ("; a policy's context embedder is model.embedder (minilm | minilm+style | style+words | ... | base)" if "embedder" in wrong
                             else ""))
     unknown = sorted(set(job) - allowed)
     if unknown:

@@ -10,6 +10,11 @@ Embedders:
   only 75 % of the verbosity variance and 71 % of the tone variance from MiniLM, and 98 % / 80 %
   once these features are appended. `ConcatEmbedder` joins embedders side by side; the spec
   "minilm+style" (`make_text_embedder`) is MiniLM followed by the style features (396-d).
+- `WordRates`: the response's word frequencies per word, hashed into 256 buckets (the hashing
+  trick). Register lives in single words ("furthermore", "gonna", "it is" against "it's"),
+  which a mean-pooled sentence embedding of a long answer dilutes: on the persona world an MLP
+  reads 86 % of the tone variance from MiniLM + style and 95 % once these are appended.
+  "minilm+style+words" is the three side by side (652-d).
 - `LMEmbedder`: a causal LM's own last hidden state at the last real token (the index is
   taken from the attention mask, so left and right padding give the same vector). For a
   SteerablePolicy pass `policy.reference` as `context`, so LoRA and FiLM are switched off
@@ -29,6 +34,7 @@ import math
 import os
 import re
 import unicodedata
+import zlib
 from pathlib import Path
 from typing import Callable, ContextManager, Protocol, Sequence
 
@@ -169,6 +175,38 @@ class StyleFeatures:
         return torch.tensor([self.features(t) for t in texts], dtype=torch.float32)  # (n, dim)
 
 
+_RATE_WORD_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+
+
+class WordRates:
+    """How often each word occurs in an option's response, per word, hashed into `dim` buckets.
+
+    Words are lower-cased runs of letters and digits (a contraction is one word: "don't");
+    bucket = crc32(word) mod dim, a hash that is the same on every machine and Python run, and
+    each bucket holds 5 · count / words (0 for an empty response). A pure function of the
+    response text, with no vocabulary to store: colliding words share a bucket, and the models
+    that read these rates learn from the pairs which buckets matter.
+    """
+
+    name = "words256-v1"
+    dim = 256
+
+    def rates(self, text: str) -> torch.Tensor:
+        t = response_text(text).replace("\u2019", "'").replace("\u2018", "'").lower()
+        words = _RATE_WORD_RE.findall(t)
+        out = torch.zeros(self.dim)
+        if not words:
+            return out
+        idx = torch.tensor([zlib.crc32(w.encode("utf-8")) % self.dim for w in words])  # (n,)
+        out.index_add_(0, idx, torch.full((len(words),), 5.0 / len(words)))
+        return out  # (dim,)
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        if not texts:
+            return torch.zeros(0, self.dim)
+        return torch.stack([self.rates(t) for t in texts])  # (n, dim)
+
+
 class ConcatEmbedder:
     """Several embedders side by side: (n, sum of dims), named "name1+name2"."""
 
@@ -183,8 +221,9 @@ class ConcatEmbedder:
         return torch.cat([p.embed(texts).float() for p in self.parts], 1)  # (n, dim)
 
 
-_PARTS = {"minilm": MiniLMEmbedder, "style": StyleFeatures}  # spec part -> embedder class (name, dim)
-TEXT_EMBEDDERS = ("minilm", "style", "minilm+style")
+# spec part -> embedder class (name, dim)
+_PARTS = {"minilm": MiniLMEmbedder, "style": StyleFeatures, "words": WordRates}
+TEXT_EMBEDDERS = ("minilm", "style", "words", "minilm+style", "minilm+style+words", "style+words")
 
 
 def _spec_parts(spec: str) -> list[type]:

@@ -63,6 +63,14 @@ def _entropy(p: np.ndarray) -> np.ndarray:
     return -(p * np.log(p) + (1 - p) * np.log(1 - p))
 
 
+def click_information(ps: np.ndarray) -> np.ndarray:
+    """BALD: the mutual information between a click and z, H(E_z p) - E_z H(p), in nats, from
+    P(B ≻ A) under S posterior samples of z: (..., S, R) -> (..., R). The informative next pair is
+    the one with the largest value (the demo's rule; the persona recipe fits its map on it too)."""
+    ps = np.asarray(ps, dtype=np.float64)
+    return _entropy(ps.mean(-2)) - _entropy(ps).mean(-2)  # (..., R)
+
+
 class Engine:
     """Posterior, predictions and pair selection for one persona bundle."""
 
@@ -232,7 +240,7 @@ class Engine:
             pick = int(rng.choice(left))
         else:
             ps = self.p_b(state, left, samples=True)  # (S, R)
-            info = _entropy(ps.mean(0)) - _entropy(ps).mean(0)  # (R,)
+            info = click_information(ps)  # (R,)
             best = np.flatnonzero(info >= info.max() - 1e-9)
             pick = int(left[rng.choice(best)])
         return SessionState(clicks=list(state.clicks), current=pick, mode=mode, seed=state.seed, draws=state.draws + 1)

@@ -222,7 +222,7 @@ def _write_checkpoint(acc, ckpt: Path, fingerprint: str, step: int, best_val: fl
 # -- embeddings -----------------------------------------------------------------------------
 
 def make_embedder(name: str, policy=None, device: str | torch.device = "cpu"):
-    """A text embedder by name: minilm, style, minilm+style (core.embed.make_text_embedder),
+    """A text embedder by name: minilm, style, words or joined by "+" (core.embed.TEXT_EMBEDDERS),
     base (a policy's own base LM, adapters off), or lm:SPEC."""
     from core.embed import LMEmbedder, make_text_embedder
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.embed import (ConcatEmbedder, EmbedderError, EmbeddingCache, StyleFeatures, make_text_embedder,
+from core.embed import (ConcatEmbedder, EmbedderError, EmbeddingCache, StyleFeatures, WordRates, make_text_embedder,
                         option_text, response_text, text_embedder_dim, text_embedder_name, text_embedder_spec)
 
 STYLE = StyleFeatures()
@@ -94,6 +94,50 @@ def test_style_features_carry_the_persona_axes():
     assert r2[P.AXES.index("tone")] > 0.5
 
 
+WORDS = WordRates()
+
+
+def test_word_rates_hand_computed():
+    """Each word adds 5 / words to its crc32 bucket; case, curly apostrophes and the prompt do not matter."""
+    import zlib
+
+    v = WORDS.embed([option_text("Any tips?", "Don\u2019t panic, DON'T panic. Breathe.")])[0]  # 5 words
+    assert v.shape == (256,)
+    b = {w: zlib.crc32(w.encode()) % 256 for w in ("don't", "panic", "breathe")}
+    assert len(set(b.values())) == 3  # no collision among these three
+    assert v[b["don't"]] == pytest.approx(2.0) and v[b["panic"]] == pytest.approx(2.0)
+    assert v[b["breathe"]] == pytest.approx(1.0)
+    assert v.sum() == pytest.approx(5.0) and int((v > 0).sum()) == 3
+    assert torch.equal(v, WORDS.embed(["don't panic, don't panic. breathe"])[0])
+
+
+def test_word_rates_are_rates_and_empty_is_zero():
+    one = WORDS.embed(["Certainly, one should rest."])[0]
+    assert torch.allclose(WORDS.embed(["Certainly, one should rest. " * 7])[0], one)  # per word, not per text
+    assert torch.equal(WORDS.embed(["", "!!! 🙂 ..."]), torch.zeros(2, 256))
+    assert WORDS.embed([]).shape == (0, 256)
+
+
+def test_word_rates_carry_tone_beyond_style():
+    """What they are for: a ridge probe reads the gold tone of persona answers better from the style
+    features plus word rates than from the style features alone (held-out R²)."""
+    from core.data import personas as P
+
+    pc = P.PersonaConfig(seed=3, n_pairs_per_request=4)
+    texts = [r for _, _, r in P.corpus(pc, 900, "train")]
+    y = np.array([P.score_all(t)["tone"] for t in texts])  # (n,)
+    tr, te = slice(0, 700), slice(700, None)
+
+    def r2(x: np.ndarray) -> float:
+        x = np.c_[x, np.ones(len(x))]
+        w = np.linalg.solve(x[tr].T @ x[tr] + 1e-1 * np.eye(x.shape[1]), x[tr].T @ y[tr])
+        return float(1 - ((x[te] @ w - y[te]) ** 2).mean() / y[te].var())
+
+    style = STYLE.embed(texts).double().numpy()  # (n, 12)
+    both = np.c_[style, WORDS.embed(texts).double().numpy()]  # (n, 268)
+    assert r2(both) > r2(style) + 0.05
+
+
 class _Const:
     def __init__(self, name: str, dim: int, value: float) -> None:
         self.name, self.dim, self.value, self.calls = name, dim, value, 0
@@ -117,7 +161,8 @@ def test_concat_embedder_joins_in_order():
 def test_specs_names_and_dims():
     assert text_embedder_dim("minilm") == 384 and text_embedder_dim("minilm+style") == 396
     assert text_embedder_name("minilm+style") == "all-minilm-l6-v2+style-v1"
-    for spec in ("minilm", "style", "minilm+style", "style+minilm"):
+    assert text_embedder_dim("style+words") == 268 and text_embedder_name("style+words") == "style-v1+words256-v1"
+    for spec in ("minilm", "style", "words", "minilm+style", "style+minilm", "style+words", "minilm+style+words"):
         assert text_embedder_spec(text_embedder_name(spec)) == spec
     assert text_embedder_spec("base:smol") is None and text_embedder_spec("all-minilm-l6-v2+other") is None
     for bad in ("bogus", "minilm+", "", "minilm+bogus"):

@@ -122,3 +122,19 @@ def test_steering_cli_quick_on_the_shipped_tiny_bundle(tmp_path):
     assert r.returncode == 0, r.stderr
     g = json.loads(plain.read_text())["generation"]  # flags override the bundle's settings
     assert g["decoding"] == "greedy, no repeated 3-grams" and g["repetition_penalty"] == 1.0 and g["no_repeat_ngram"] == 3
+
+
+def test_selection_cli_on_the_shipped_tiny_bundle(tmp_path):
+    """random vs informative next pairs: tables printed, JSON written; bad input named, nothing written."""
+    out = tmp_path / "sel.json"
+    cmd = [sys.executable, "-m", "core.experiments", "selection", "--bundle", str(ROOT / "assets/models/persona-tiny"),
+           "--clicks", "1,3", "--seeds", "1", "--edge-users", "2"]
+    r = subprocess.run(cmd + ["--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert all(f"users: {g}" in r.stdout for g in ("archetype", "edge", "all"))
+    res = json.loads(out.read_text())
+    assert res["config"]["clicks"] == [1, 3] and len(res["cells"]) == 2 * 3 * 2
+    assert all(0 <= c["accuracy"]["mean"] <= 1 and c["map_error"]["mean"] >= 0 for c in res["cells"])
+    bad = subprocess.run(cmd[:-6] + ["--clicks", "0,3", "--json", str(tmp_path / "no.json")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "clicks must be whole numbers" in bad.stderr and not (tmp_path / "no.json").exists()

@@ -221,3 +221,32 @@ def test_cached_option_features_give_the_reward_heads_own_predictions(engine):
         ref = torch.sigmoid(engine.reward.reward(engine.emb_b[None], z) - engine.reward.reward(engine.emb_a[None], z))
     assert engine._feats is not None and fast.shape == tuple(ref.shape)
     np.testing.assert_allclose(fast, ref.numpy(), atol=1e-5)
+
+
+def test_selection_run_measures_what_the_demo_shows(engine):
+    """core.experiments.selection: its cells are the demo's own sessions, re-measured here by hand."""
+    from core.experiments.selection import SelectionConfig, format_table, run_selection, session_curve
+
+    cfg = SelectionConfig(clicks=[6, 2], seeds=2, edge_users=1)
+    assert cfg.clicks == [2, 6]
+    res = run_selection(engine, cfg)
+    cells = {(c["mode"], c["users"], c["clicks"]): c for c in res["cells"]}
+    assert len(cells) == 2 * 3 * 2 and cells[("random", "archetype", 6)]["map_error"]["n"] == 4 * 2
+    assert cells[("informative", "all", 2)]["accuracy"]["n"] == 5 * 2
+    # one archetype session by hand: the map point the demo shows and the held-out sign agreement
+    w = np.asarray(P.ARCHETYPES["casual texter"])
+    s = _autopilot(engine, w, 6, mode="informative", seed=1)
+    lat = engine.latent(s)
+    u = np.array([w @ [r["attributes"]["b"][a] - r["attributes"]["a"][a] for a in engine.axes] for r in engine.pool])
+    seen = {c["pair"] for c in s.clicks}
+    keep = [i for i in range(len(u)) if i not in seen and u[i] != 0]
+    acc = np.mean((engine.p_b(s)[keep] > 0.5) == (u[keep] > 0))
+    got = session_curve(engine, w, "informative", 1, [6])[6]
+    assert got["map_error"] == pytest.approx(np.hypot(lat["map"]["x"] - w[0], lat["map"]["y"] - w[1]))
+    assert got["accuracy"] == pytest.approx(acc)
+    # the informative rule predicts unseen clicks better after 6 clicks (its point on the map aside: README)
+    assert cells[("informative", "archetype", 6)]["accuracy"]["mean"] > cells[("random", "archetype", 6)]["accuracy"]["mean"]
+    table = format_table(res, "archetype")
+    assert [ln.split(" | ")[0] for ln in table.splitlines()[3:]] == ["| 2", "| 6"] and "held-out acc., informative" in table
+    with pytest.raises(ValueError, match="clicks"):
+        SelectionConfig(clicks=[0])

@@ -1,6 +1,7 @@
 """python -m core.experiments synthetic|identifiability [--out DIR] [--seed N]
 python -m core.experiments steering --bundle DIR --json OUT [...]   (see steering --help)
-python -m core.experiments texts OUT.texts.jsonl [...]   (rescore a steering run's generated texts)"""
+python -m core.experiments texts OUT.texts.jsonl [...]   (rescore a steering run's generated texts)
+python -m core.experiments selection --bundle DIR [--json OUT]   (random vs informative next pairs)"""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
         from core.experiments.steering import main as steering_main
 
         return steering_main(argv[1:])
+    if argv[:1] == ["selection"]:
+        from core.experiments.selection import main as selection_main
+
+        return selection_main(argv[1:])
     if argv[:1] == ["texts"]:
         from core.experiments.steering import texts_main
 

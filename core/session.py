@@ -66,7 +66,7 @@ def _entropy(p: np.ndarray) -> np.ndarray:
 def click_information(ps: np.ndarray) -> np.ndarray:
     """BALD: the mutual information between a click and z, H(E_z p) - E_z H(p), in nats, from
     P(B ≻ A) under S posterior samples of z: (..., S, R) -> (..., R). The informative next pair is
-    the one with the largest value (the demo's rule; the persona recipe fits its map on it too)."""
+    the one with the largest value."""
     ps = np.asarray(ps, dtype=np.float64)
     return _entropy(ps.mean(-2)) - _entropy(ps).mean(-2)  # (..., R)
 

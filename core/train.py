@@ -284,7 +284,9 @@ def _task_samplers(pairs: PairSet, run: RunConfig, val_batch: int) -> tuple[Task
     if len(pairs.indices("val")) < run.tasks.n_targets:
         raise ValueError(f"{pairs.source}: {len(pairs.indices('val'))} 'val' pairs; checkpoint selection needs "
                          f"at least n_targets={run.tasks.n_targets}")
-    val_batches = TaskSampler(pairs, run.tasks, split="val", seed=tc.seed + 1).fixed_batches(tc.val_tasks, val_batch)
+    # validation scores the clicks, so it draws no teacher-only pairs: its tasks are the same with or without them
+    val_tasks = dataclasses.replace(run.tasks, teacher_context=0)
+    val_batches = TaskSampler(pairs, val_tasks, split="val", seed=tc.seed + 1).fixed_batches(tc.val_tasks, val_batch)
     return TaskSampler(pairs, run.tasks, split="train", seed=tc.seed), val_batches
 
 
@@ -327,6 +329,9 @@ def train_reward(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
     emb_a, emb_b = emb if emb is not None else option_embeddings(pairs)
     emb_a, emb_b = emb_a.float().to(acc.device), emb_b.float().to(acc.device)
     mcfg = config_from_dict({"model": model_name, "d_in": int(emb_a.shape[1]), **run.model})
+    if run.tasks.teacher_context:
+        raise ValueError(f"tasks.teacher_context={run.tasks.teacher_context} is for a policy's teacher; a reward "
+                         "model has none (set it to 0)")
     torch.manual_seed(tc.seed)  # loading an embedder draws from the RNG: the init must not depend on it
     model = PreferenceModel(mcfg)
     if mcfg.input_norm:
@@ -677,10 +682,12 @@ def _teacher_rewards(teacher: PreferenceModel, data, batch: TaskBatch, score: to
                      device: torch.device) -> torch.Tensor:
     """A reward model's rewards, given each task's context, of the responses of the targets where
     score (B, T) is True, in the row order of PolicyData.inputs' sequences (a's, then b's): (2R,).
-    z is the mean of q(z | C), as the policy's is; p(b ≻ a | context) = σ(r_b − r_a)."""
+    z is the mean of q(z | C), as the policy's is; p(b ≻ a | context) = σ(r_b − r_a). With
+    TaskConfig.teacher_context > 0 the teacher's C is the task's context and that many more clicks."""
     task, pos = score.nonzero(as_tuple=True)  # (R,), (R,)
     task, pos = task.to(device), pos.to(device)
-    r_a, r_b = teacher.option_rewards(gather_features(batch, data.emb_a, data.emb_b, device))  # (B, T) each
+    view = batch.teacher_view()  # its context has TaskConfig.teacher_context more pairs, if any
+    r_a, r_b = teacher.option_rewards(gather_features(view, data.emb_a, data.emb_b, device))  # (B, T) each
     return torch.cat([r_a[task, pos], r_b[task, pos]]).float()  # (2R,)
 
 
@@ -763,6 +770,9 @@ def train_policy(pairs: PairSet, model_name: str, out: str | Path, run: RunConfi
     if (teacher is None) != (cfg.teacher_weight == 0):
         raise ValueError("model.teacher_weight > 0 needs a teacher reward bundle (--teacher), and a teacher needs "
                          f"teacher_weight > 0; got teacher_weight {cfg.teacher_weight} and teacher {teacher}")
+    if run.tasks.teacher_context and teacher is None:
+        raise ValueError(f"tasks.teacher_context={run.tasks.teacher_context} adds clicks only a teacher reads, and "
+                         "there is no teacher (model.teacher_weight > 0 with --teacher)")
     if teacher is not None:
         teacher_model, tmeta = load_reward_bundle(teacher)
         if teacher_model.encoder is None:

@@ -295,7 +295,10 @@ def test_recipe_overrides_are_typed_and_bad_ones_are_refused(capsys):
     for sets, msg in ((["policy_prompt_group=3"], "policy_prompt_group must be >= 1 and divide policy_targets"),
                       (["policy_prompt_group=4", "policy_targets=12", "pairs_per_request=3"],
                        "more than the pairs per prompt"),
-                      (["policy_all_pairs=true", "policy_teacher_weight=0"], "policy_all_pairs needs policy_teacher_weight")):
+                      (["policy_all_pairs=true", "policy_teacher_weight=0"], "policy_all_pairs needs policy_teacher_weight"),
+                      (["policy_teacher_context=20", "policy_teacher_weight=0"],
+                       "policy_teacher_context=20 needs policy_teacher_weight > 0"),
+                      (["policy_teacher_context=-1"], "policy_teacher_context must be >= 0")):
         with pytest.raises(SystemExit):
             main(["--base", "tiny", "--out", "/nonexistent/x", *[a for kv in sets for a in ("--set", kv)]])
         assert msg in capsys.readouterr().err
@@ -316,7 +319,7 @@ def test_shipped_bundles_record_the_recipe_that_rebuilds_them(name):
     want = asdict(RecipeConfig.for_base(recipe["base"], recipe["seed"]))
     # fields added after a bundle was built: their default must be the behaviour it was built with
     added_off = {"policy_teacher_weight": 0.0, "policy_film_final_norm": False, "policy_prompt_group": 1,
-                 "policy_all_pairs": False}
+                 "policy_all_pairs": False, "policy_teacher_context": 0}
     for k in set(want) - set(recipe):
         assert k in added_off and want[k] == added_off[k], k
     assert {k: want[k] for k in recipe} == recipe

@@ -874,6 +874,34 @@ def test_teacher_blends_into_np_dpo_targets_and_bad_settings_are_refused(tmp_pat
                teacher=teacher)
 
 
+def test_teacher_context_reaches_only_the_teacher(tmp_path, tok, monkeypatch):
+    import core.train as tr
+
+    teacher = _toy_teacher(tmp_path)
+    seen = []
+    real = tr._teacher_rewards
+
+    def spy(model, data, batch, score, device):
+        seen.append((batch.n_context.clone(), batch.teacher_view().n_context.clone()))
+        return real(model, data, batch, score, device)
+
+    monkeypatch.setattr(tr, "_teacher_rewards", spy)
+    pairs = toy_pairs()
+    run = policy_run_config({"train": {"steps": 2, "batch_size": 2, "lr": 1e-2, "warmup_steps": 1, "eval_every": 2,
+                                       "val_tasks": 2, "checkpoint_every": 2},
+                             "tasks": {"n_targets": 2, "max_context": 2, "min_context": 1, "context_mode": "disjoint",
+                                       "teacher_context": 3},
+                             "model": {"d_z": 4, "d_in": 4, "lora_r": 4, "lora_alpha": 8, "teacher_weight": 1.0}})
+    base = (tiny_model("gpt2", tok, seed=0), tok, {"kind": "test", "name": "tiny-gpt2"})
+    train_policy(pairs, "np-dpo", tmp_path / "b", run, base, emb=toy_emb(pairs), quiet=True, teacher=teacher)
+    assert len(seen) == 2
+    for policy_n, teacher_n in seen:  # the policy's context is 1-2 clicks, the teacher's 3 more
+        assert ((policy_n >= 1) & (policy_n <= 2)).all() and torch.equal(teacher_n, policy_n + 3)
+    run.model["teacher_weight"] = 0.0  # the extra clicks with no teacher to read them
+    with pytest.raises(ValueError, match="only a teacher reads"):
+        train_policy(pairs, "np-dpo", tmp_path / "c", run, base, emb=toy_emb(pairs), quiet=True)
+
+
 def test_training_with_all_pairs_sends_the_teachers_cross_targets(tmp_path, tok, monkeypatch):
     import core.policy as pol
 

@@ -113,3 +113,27 @@ def test_bad_configs_are_named(pairs):
         TaskSampler(pairs, TaskConfig(users="continuous"), "train")
     with pytest.raises(KeyError, match="unknown user type"):
         TaskSampler(pairs, TaskConfig(user_types=["nobody"]), "train")
+
+
+def test_teacher_context_extends_the_context_with_the_same_users_clicks(pairs):
+    base = TaskConfig(n_targets=6, max_context=5, min_context=2, context_mode="disjoint")
+    extra = TaskConfig(n_targets=6, max_context=5, min_context=2, context_mode="disjoint", teacher_context=7)
+    plain = TaskSampler(pairs, base, "train", seed=2).sample(4, 32)
+    assert plain.teacher_context_idx is None and plain.teacher_view() is plain
+    b = TaskSampler(pairs, extra, "train", seed=2).sample(4, 32)
+    assert b.teacher_context_idx.shape == (32, int(b.n_context.max()) + 7)
+    t = b.teacher_view()
+    assert t.teacher_context_idx is None and torch.equal(t.target_idx, b.target_idx)
+    for i in range(32):
+        n_c = int(b.n_context[i])
+        assert int(t.context_mask[i].sum()) == n_c + 7
+        ctx, tctx = b.context_idx[i, :n_c].tolist(), t.context_idx[i, :n_c + 7].tolist()
+        assert tctx[:n_c] == ctx and len(set(tctx)) == n_c + 7  # the task's context first, then 7 new pairs
+        assert not set(tctx) & set(b.target_idx[i].tolist())
+        assert t.context_choice[i, :n_c].tolist() == b.context_choice[i, :n_c].tolist()
+        u = b.user_type[i].item()  # every extra click is the same user's
+        np.testing.assert_array_equal(t.context_choice[i, :n_c + 7].numpy(), pairs.choices[tctx, u])
+    with pytest.raises(ValueError, match="teacher_context"):
+        TaskConfig(n_targets=6, max_context=5, teacher_context=3)  # subset mode
+    with pytest.raises(ValueError, match="teacher_context"):
+        TaskConfig(n_targets=6, max_context=5, context_mode="disjoint", teacher_context=-1)

@@ -147,6 +147,14 @@ def test_resume_refuses_a_checkpoint_from_another_config(pairs, tmp_path, monkey
         train_reward(pairs, "btl", tmp_path / "x", small_run(40, checkpoint_every=20, lr=1e-2), quiet=True)
 
 
+def test_a_reward_model_refuses_teacher_only_clicks(pairs, tmp_path):
+    run = RunConfig(train=TrainConfig(steps=2), tasks=TaskConfig(n_targets=4, max_context=3, context_mode="disjoint",
+                                                                  teacher_context=5))
+    with pytest.raises(ValueError, match="teacher_context=5 is for a policy's teacher"):
+        train_reward(pairs, "np-btl", tmp_path / "r", run, quiet=True)
+    assert not (tmp_path / "r").exists()
+
+
 def test_config_yaml_unknown_keys_are_named(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  steps: 5\n  learning_rate: 0.1\n")

@@ -12,7 +12,7 @@ processes without carrying RNG state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import numpy as np
@@ -36,6 +36,10 @@ class TaskConfig:
     # prompts, each with at least this many pairs in the target pool), so that every response to a
     # prompt can be compared with the others (PolicyConfig.teacher_all_pairs); 1 = any target pairs
     prompt_group: int = 1
+    # > 0 (disjoint mode, for a policy's teacher, PolicyConfig.teacher_weight): each task also draws this many
+    # more pairs of the same user outside its targets and context, clicked by that user, which only the teacher
+    # reads: its context is the task's plus these (TaskBatch.teacher_view), the policy's is the task's alone
+    teacher_context: int = 0
 
     def __post_init__(self) -> None:
         if self.n_targets < 1:
@@ -53,6 +57,9 @@ class TaskConfig:
         if self.prompt_group < 1 or self.n_targets % self.prompt_group:
             raise ValueError(f"prompt_group must be >= 1 and divide n_targets ({self.n_targets}), "
                              f"got {self.prompt_group}")
+        if self.teacher_context < 0 or (self.teacher_context and self.context_mode != "disjoint"):
+            raise ValueError(f"teacher_context must be >= 0, and > 0 only in disjoint mode; got {self.teacher_context} "
+                             f"in {self.context_mode} mode")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskConfig":
@@ -76,6 +83,18 @@ class TaskBatch:
     unseen_mask: torch.Tensor  # (B, T) bool: targets that are not in the context
     user_type: torch.Tensor  # (B,) long index into user_types, -1 for continuous users
     user_weights: torch.Tensor | None = None  # (B, A) continuous users' weights over attributes
+    # TaskConfig.teacher_context > 0: the context plus the extra pairs only a teacher reads, (B, C') each, C' >= C
+    teacher_context_idx: torch.Tensor | None = None
+    teacher_context_choice: torch.Tensor | None = None
+    teacher_context_mask: torch.Tensor | None = None
+
+    def teacher_view(self) -> "TaskBatch":
+        """The batch a teacher reads: its context has the extra pairs (itself when there are none)."""
+        if self.teacher_context_idx is None:
+            return self
+        return replace(self, context_idx=self.teacher_context_idx, context_choice=self.teacher_context_choice,
+                       context_mask=self.teacher_context_mask, teacher_context_idx=None, teacher_context_choice=None,
+                       teacher_context_mask=None)
 
     @property
     def n_context(self) -> torch.Tensor:
@@ -123,9 +142,9 @@ class TaskSampler:
             if len(self.prompt_rows) < need_p:
                 raise ValueError(f"{pairs.source}: {len(self.prompt_rows)} prompts have {cfg.prompt_group} or more "
                                  f"target pairs, a task needs {need_p}")
-        if cfg.context_mode == "disjoint" and len(self.context_pool) < cfg.max_context:
+        if cfg.context_mode == "disjoint" and len(self.context_pool) < cfg.max_context + cfg.teacher_context:
             raise ValueError(f"{pairs.source}: {len(self.context_pool)} context pairs available, "
-                             f"max_context is {cfg.max_context}")
+                             f"max_context + teacher_context is {cfg.max_context + cfg.teacher_context}")
 
     def sample(self, batch_index: int, batch_size: int, n_context: int | None = None,
                user_type: str | None = None) -> TaskBatch:
@@ -155,6 +174,11 @@ class TaskSampler:
         user_type_out = np.full(batch_size, -1, np.int64)
         A = len(self.pairs.attribute_names)
         weights = np.zeros((batch_size, A), np.float32) if cfg.users == "continuous" else None
+        X = cfg.teacher_context
+        C2 = C + X
+        t_idx = np.zeros((batch_size, C2), np.int64) if X else None
+        t_choice = np.zeros((batch_size, C2), np.float32) if X else None
+        t_mask = np.zeros((batch_size, C2), bool) if X else None
 
         for i, n_c in enumerate(n_cs):
             tgt = self._draw_targets(rng, T)
@@ -163,7 +187,7 @@ class TaskSampler:
                 ctx = tgt[pos]
                 unseen[i, pos] = False
             else:
-                ctx = self._draw_outside(rng, tgt, n_c)
+                ctx = self._draw_outside(rng, tgt, n_c + X)  # (n_c + X,): the task's context, then the teacher's extra
             rows = np.concatenate([tgt, ctx])
             if cfg.users == "types":
                 u = fixed_type if fixed_type is not None else self.type_ids[rng.integers(len(self.type_ids))]
@@ -176,8 +200,10 @@ class TaskSampler:
             if cfg.context_mode == "subset":
                 ch = np.concatenate([ch[:T], ch[:T][pos]])  # context choices are the targets' own
             target_idx[i], target_choice[i] = tgt, ch[:T]
-            context_idx[i, :n_c], context_choice[i, :n_c] = ctx, ch[T:]
+            context_idx[i, :n_c], context_choice[i, :n_c] = ctx[:n_c], ch[T:T + n_c]
             context_mask[i, :n_c] = True
+            if X:
+                t_idx[i, :n_c + X], t_choice[i, :n_c + X], t_mask[i, :n_c + X] = ctx, ch[T:], True
 
         return TaskBatch(
             target_idx=torch.from_numpy(target_idx),
@@ -189,6 +215,9 @@ class TaskSampler:
             unseen_mask=torch.from_numpy(unseen),
             user_type=torch.from_numpy(user_type_out),
             user_weights=None if weights is None else torch.from_numpy(weights),
+            teacher_context_idx=None if t_idx is None else torch.from_numpy(t_idx),
+            teacher_context_choice=None if t_choice is None else torch.from_numpy(t_choice),
+            teacher_context_mask=None if t_mask is None else torch.from_numpy(t_mask),
         )
 
     def _draw_targets(self, rng: np.random.Generator, T: int) -> np.ndarray:

@@ -85,6 +85,9 @@ class RecipeConfig:
     # every other pair of a group's answers scored at the teacher's p (policy.PolicyConfig.teacher_all_pairs)
     policy_prompt_group: int = 1
     policy_all_pairs: bool = False
+    # NP-DPO with a teacher: the teacher reads each task's context and this many more clicks of the same user
+    # (TaskConfig.teacher_context), so its targets are closer to what that user wants; the policy reads the task's
+    policy_teacher_context: int = 0
     length_normalize: bool = True  # policy.PolicyConfig.length_normalize: no free win for shorter answers
     policy_group_rows: int = 8  # policy.PolicyConfig.length_group_rows: score length-sorted groups (CPU time)
     map_users: int = 1200
@@ -268,7 +271,8 @@ def _policy_run(cfg: RecipeConfig, d_in: int, encoder: dict[str, Any] | None, mo
         "train": {"steps": cfg.policy_steps, "batch_size": cfg.policy_batch, "lr": cfg.policy_lr,
                   "warmup_steps": 20, "eval_every": 50, "val_tasks": 16, "checkpoint_every": 25, "seed": cfg.seed},
         "tasks": {**_tasks(cfg, cfg.policy_targets, 10, "disjoint", cfg.policy_min_context),
-                  **({"prompt_group": cfg.policy_prompt_group} if model_name == "np-dpo" else {})},
+                  **({"prompt_group": cfg.policy_prompt_group, "teacher_context": cfg.policy_teacher_context}
+                     if model_name == "np-dpo" else {})},
         "model": {"d_in": d_in, "embedder": cfg.embedder, "d_z": cfg.d_z,
                   **({} if encoder is None else {"encoder": encoder}), "freeze_encoder": True,
                   "lora_r": 8, "lora_alpha": 16, "beta": cfg.policy_beta, "sft_weight": cfg.sft_weight,
@@ -390,6 +394,11 @@ def check_config(cfg: RecipeConfig) -> None:
     if cfg.policy_prompt_group > cfg.pairs_per_request:
         raise ValueError(f"policy_prompt_group ({cfg.policy_prompt_group}) is more than the pairs per prompt "
                          f"(pairs_per_request {cfg.pairs_per_request})")
+    if cfg.policy_teacher_context and cfg.policy_teacher_weight == 0:
+        raise ValueError(f"policy_teacher_context={cfg.policy_teacher_context} needs policy_teacher_weight > 0: only the "
+                         "teacher reads those clicks")
+    if cfg.policy_teacher_context < 0:
+        raise ValueError(f"policy_teacher_context must be >= 0, got {cfg.policy_teacher_context}")
     if cfg.policy_all_pairs and cfg.policy_teacher_weight == 0:
         raise ValueError("policy_all_pairs needs policy_teacher_weight > 0: only the teacher labels the extra pairs")
 

@@ -394,11 +394,11 @@ def check_config(cfg: RecipeConfig) -> None:
     if cfg.policy_prompt_group > cfg.pairs_per_request:
         raise ValueError(f"policy_prompt_group ({cfg.policy_prompt_group}) is more than the pairs per prompt "
                          f"(pairs_per_request {cfg.pairs_per_request})")
+    if cfg.policy_teacher_context < 0:
+        raise ValueError(f"policy_teacher_context must be >= 0, got {cfg.policy_teacher_context}")
     if cfg.policy_teacher_context and cfg.policy_teacher_weight == 0:
         raise ValueError(f"policy_teacher_context={cfg.policy_teacher_context} needs policy_teacher_weight > 0: only the "
                          "teacher reads those clicks")
-    if cfg.policy_teacher_context < 0:
-        raise ValueError(f"policy_teacher_context must be >= 0, got {cfg.policy_teacher_context}")
     if cfg.policy_all_pairs and cfg.policy_teacher_weight == 0:
         raise ValueError("policy_all_pairs needs policy_teacher_weight > 0: only the teacher labels the extra pairs")
 

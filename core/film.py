@@ -120,6 +120,9 @@ class FiLMConfig:
     lora_rank: int = 0  # their rank r
     gate_init_std: float = 0.0  # std of the gates' initial weights (the policy is still the base: LoRA's B is 0)
     final_norm: bool = False  # also modulate the final norm's output (the LM head's input)
+    # > 0: the factors also get a one-hidden-layer path, W_o·gelu(W_h z + b_h), beside the affine map, so they
+    # can be a nonlinear function of z (W_h random, W_o zero: still exactly the identity at init)
+    generator_hidden: int = 0
 
     def __post_init__(self) -> None:
         if (self.lora_gates > 0) != (self.lora_rank > 0) or self.lora_gates < 0 or self.lora_rank < 0:
@@ -129,6 +132,8 @@ class FiLMConfig:
             idx = [i % self.n_layers if -self.n_layers <= i < self.n_layers else None for i in self.layers]
             if None in idx or len(set(idx)) != len(idx):
                 raise ValueError(f"FiLM layers {self.layers} must be distinct indices into {self.n_layers} blocks")
+        if self.generator_hidden < 0:
+            raise ValueError(f"FiLM generator_hidden must be >= 0, got {self.generator_hidden}")
 
     def modulated(self) -> list[int]:
         if self.layers is None:
@@ -163,6 +168,11 @@ class FiLM(nn.Module):
         # One affine map per block (then the final norm): rows [0:H] give γ - 1, rows [H:2H] give β. Zero = identity.
         self.weight = nn.Parameter(torch.zeros(L, 2 * H, cfg.d_z))
         self.bias = nn.Parameter(torch.zeros(L, 2 * H))
+        if cfg.generator_hidden:
+            G = cfg.generator_hidden
+            self.hidden_weight = nn.Parameter(torch.randn(G, cfg.d_z) / cfg.d_z ** 0.5)  # (G, d_z)
+            self.hidden_bias = nn.Parameter(torch.zeros(G))
+            self.out_weight = nn.Parameter(torch.zeros(L, 2 * H, G))  # zero: the hidden path adds nothing at init
         if cfg.lora_gates:
             gw = torch.zeros(cfg.lora_gates, cfg.lora_rank, cfg.d_z)  # (G, r, d_z)
             if cfg.gate_init_std > 0:
@@ -182,6 +192,9 @@ class FiLM(nn.Module):
         LoRA gates minus one (G·r). Rows can be taken from it (f[rows]) like any batch."""
         z = z.to(self.weight.dtype)
         film = torch.einsum("lod,bd->blo", self.weight, z) + self.bias  # (B, L, 2H)
+        if self.cfg.generator_hidden:
+            h = nn.functional.gelu(z @ self.hidden_weight.T + self.hidden_bias)  # (B, G)
+            film = film + torch.einsum("log,bg->blo", self.out_weight, h)  # (B, L, 2H)
         parts = [film.flatten(1)]  # (B, L·2H)
         if self.gated:
             parts.append(torch.einsum("grd,bd->bgr", self.gate_weight, z).flatten(1))  # (B, G·r)

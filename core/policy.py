@@ -48,6 +48,7 @@ class PolicyConfig:
     encoder: EncoderConfig | None = None  # None: built from d_in and d_z
     film_layers: list[int] | None = None  # None = every block
     film_final_norm: bool = False  # FiLM also on the final norm's output: a z-dependent bias on every logit
+    film_hidden: int = 0  # > 0: FiLM's factors get a hidden layer of this width (core.film.FiLMConfig.generator_hidden)
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -96,6 +97,10 @@ class PolicyConfig:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.film_final_norm and not self.conditioned:
             raise ValueError("film_final_norm needs a conditioned policy (NP-DPO): the DPO baseline has no z")
+        if self.film_hidden and not self.conditioned:
+            raise ValueError("film_hidden needs a conditioned policy (NP-DPO): the DPO baseline has no z")
+        if self.film_hidden < 0:
+            raise ValueError(f"film_hidden must be >= 0, got {self.film_hidden}")
         if self.lora_gates and not self.conditioned:
             raise ValueError("lora_gates needs a conditioned policy (NP-DPO): the DPO baseline has no z")
         if not 0 <= self.length_power <= 1:
@@ -332,7 +337,8 @@ class SteerablePolicy(nn.Module):
             self.film: FiLM | None = FiLM(FiLMConfig(cfg.d_z, hidden_size(lm), len(layers), cfg.film_layers,
                                                      lora_gates=len(lora_a), lora_rank=cfg.lora_r if lora_a else 0,
                                                      gate_init_std=cfg.lora_gate_init_std if lora_a else 0.0,
-                                                     final_norm=cfg.film_final_norm))
+                                                     final_norm=cfg.film_final_norm,
+                                                     generator_hidden=cfg.film_hidden))
             self.film.attach(self.lm, lora_a)
             self.encoder: ContextEncoder | None = ContextEncoder(cfg.encoder)
             if cfg.freeze_encoder:

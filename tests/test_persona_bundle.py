@@ -319,7 +319,7 @@ def test_shipped_bundles_record_the_recipe_that_rebuilds_them(name):
     want = asdict(RecipeConfig.for_base(recipe["base"], recipe["seed"]))
     # fields added after a bundle was built: their default must be the behaviour it was built with
     added_off = {"policy_teacher_weight": 0.0, "policy_film_final_norm": False, "policy_prompt_group": 1,
-                 "policy_all_pairs": False, "policy_teacher_context": 0}
+                 "policy_all_pairs": False, "policy_teacher_context": 0, "policy_film_hidden": 0}
     for k in set(want) - set(recipe):
         assert k in added_off and want[k] == added_off[k], k
     assert {k: want[k] for k in recipe} == recipe

@@ -961,6 +961,47 @@ def test_final_norm_film_is_identity_at_init_then_biases_each_logit(family, tok)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_film_hidden_generator_is_identity_at_init_then_a_nonlinear_bias(family, tok, tmp_path):
+    """film_hidden: the factors get W_o·gelu(W_h z + b_h) beside the affine map; W_o starts at zero."""
+    base = tiny_model(family, tok, seed=3)
+    policy = make_policy(family, tok, seed=3, film_final_norm=True, film_hidden=6)
+    film = policy.film
+    assert film.hidden_weight.shape == (6, 4) and film.out_weight.shape == (film.cfg.n_sites(), 2 * film.cfg.hidden_size, 6)
+    assert film.hidden_weight.abs().sum() > 0 and not film.out_weight.any()
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    z = 5 * torch.randn(2, 4)
+    with torch.no_grad():
+        want = base(**enc).logits  # (2, T, V)
+        with policy.conditioned(z):
+            assert torch.equal(policy.lm(**enc).logits, want)  # exactly the base for any z
+        # only the hidden path's final-norm shift set: logits move by E·W_o·gelu(W_h z + b_h), row by row
+        n, H = len(film.cfg.modulated()), film.cfg.hidden_size
+        film.out_weight[n, H:].normal_(0.0, 0.5)
+        film.hidden_bias.normal_(0.0, 0.5)
+        with policy.conditioned(z):
+            got = policy.lm(**enc).logits
+        hidden = torch.nn.functional.gelu(z @ film.hidden_weight.T + film.hidden_bias)  # (2, 6)
+        bias = (hidden @ film.out_weight[n, H:].T) @ unwrap(policy.lm).get_output_embeddings().weight.T  # (2, V)
+        torch.testing.assert_close(got, want + bias[:, None, :], rtol=1e-4, atol=1e-4)
+        # nonlinear in z: the shift of z and of 2z are not in proportion (the affine path's would be)
+        s1, s2 = (torch.nn.functional.gelu(zz @ film.hidden_weight.T + film.hidden_bias) for zz in (z, 2 * z))
+        assert not torch.allclose(2 * s1, s2, atol=1e-3)
+    # the trained tensors round-trip strictly, and a policy without the hidden path refuses them
+    state = policy.adapter_state()
+    assert {"film.hidden_weight", "film.hidden_bias", "film.out_weight"} <= set(state)
+    other = make_policy(family, tok, seed=4, film_final_norm=True, film_hidden=6)
+    other.load_adapter_state(state)
+    for k, v in other.adapter_state().items():
+        assert torch.equal(v, state[k]), k
+    with pytest.raises(ValueError, match=r"unexpected keys \[.film.hidden_bias., .film.hidden_weight., .film.out_weight.\]"):
+        make_policy(family, tok, seed=4, film_final_norm=True).load_adapter_state(state)
+    with pytest.raises(ValueError, match="film_hidden needs a conditioned policy"):
+        PolicyConfig(base="tiny", conditioned=False, d_in=4, d_z=4, film_hidden=4)
+    with pytest.raises(ValueError, match="film_hidden must be >= 0"):
+        PolicyConfig(base="tiny", d_in=4, d_z=4, film_hidden=-1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_batched_response_ids_equal_one_at_a_time(family, tok):
     policy = make_policy(family, tok)
     responses = ["Try tea daily.", "  Here is a thorough answer about chess. First, start slowly. ", "", "ok" * 300]

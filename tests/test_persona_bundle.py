@@ -143,7 +143,10 @@ def test_check_targets_passes_and_fails_for_the_right_reasons():
           "busy executive + thorough analyst": {"10": {"sum": 1.2}}}
     r = check_targets({"reward": {"accuracy": acc, "conflict_sum": cs}}, B, cfg)
     acc_t = r["reward accuracy at N_C=10 (min over archetypes)"]
-    assert not acc_t["met"] and acc_t["value"] == pytest.approx(0.85)
+    assert not acc_t["met"] and acc_t["value"] == pytest.approx(0.85) and "se" not in acc_t
+    acc["casual texter"]["10"].update(se=0.012, tasks=60)  # the worst cell's precision is reported with it
+    acc_t = check_targets({"reward": {"accuracy": acc, "conflict_sum": cs}}, B, cfg)["reward accuracy at N_C=10 (min over archetypes)"]
+    assert acc_t["se"] == pytest.approx(0.012) and acc_t["tasks"] == 60
     cs_t = r["reward conflict sum of opposite archetypes at N_C=10 (min)"]
     assert set(cs_t["per_pair"]) == {"busy executive + friendly tutor", "thorough analyst + casual texter"}
     assert cs_t["value"] == pytest.approx(1.7) and not cs_t["met"]

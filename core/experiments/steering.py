@@ -340,10 +340,14 @@ def check_targets(res: dict[str, Any], bundle: PersonaBundle, cfg: SteeringConfi
     for model in ("reward", "policy"):
         if model not in res:
             continue
-        acc = {t: res[model]["accuracy"][t][top]["mean"] for t in anchors}
+        cells = {t: res[model]["accuracy"][t][top] for t in anchors}
+        acc = {t: c["mean"] for t, c in cells.items()}
+        worst = min(acc, key=acc.get)
         out[f"{model} accuracy at N_C={top} (min over archetypes)"] = {
-            "value": min(acc.values()), "target": f">= {tg['accuracy']}", "met": min(acc.values()) >= tg["accuracy"],
-            "per_archetype": acc}
+            "value": acc[worst], "target": f">= {tg['accuracy']}", "met": acc[worst] >= tg["accuracy"],
+            "per_archetype": acc,
+            # how precise the verdict is: the worst cell's standard error over its tasks
+            **({"se": cells[worst]["se"], "tasks": cells[worst].get("tasks")} if "se" in cells[worst] else {})}
         diag = {key: v[top]["sum"] for key, v in res[model]["conflict_sum"].items()
                 if "skipped" not in v and all(opposite(t, anchors) in key for t in key.split(" + "))}
         if diag:
@@ -492,6 +496,8 @@ def format_summary(res: dict[str, Any]) -> str:
     for name, v in res["targets"].items():
         val = v["value"]
         val = f"{val:.3f}" if isinstance(val, float) else str(val)
+        if "se" in v:
+            val += f" ± {v['se']:.3f}" + (f" ({v['tasks']} tasks per cell)" if v.get("tasks") else "")
         lines.append(f"  [{'met' if v['met'] else 'MISSED'}] {name}: {val} (target {v['target']})")
     for model, label in (("reward", "NP-BTL"), ("policy", "NP-DPO")):
         if model in res:

@@ -961,7 +961,7 @@ def test_final_norm_film_is_identity_at_init_then_biases_each_logit(family, tok)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_film_hidden_generator_is_identity_at_init_then_a_nonlinear_bias(family, tok, tmp_path):
+def test_film_hidden_generator_is_identity_at_init_then_a_nonlinear_bias(family, tok):
     """film_hidden: the factors get W_o·gelu(W_h z + b_h) beside the affine map; W_o starts at zero."""
     base = tiny_model(family, tok, seed=3)
     policy = make_policy(family, tok, seed=3, film_final_norm=True, film_hidden=6)

@@ -305,7 +305,24 @@ def test_recipe_overrides_are_typed_and_bad_ones_are_refused(capsys):
         with pytest.raises(SystemExit):
             main(["--base", "tiny", "--out", "/nonexistent/x", *[a for kv in sets for a in ("--set", kv)]])
         assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--base", "tiny", "--out", "/nonexistent/x", "--policy-threads", "-1"])
+    assert "--policy-threads must be >= 1" in capsys.readouterr().err
     assert not Path("/nonexistent/x.work").exists()
+
+
+def test_policy_threads_default_to_half_and_can_be_set():
+    import torch
+
+    from core.recipes import persona as R
+
+    assert R.policy_threads() == max(1, torch.get_num_threads() // 2)
+    try:
+        R.set_policy_threads(3)
+        assert R.policy_threads() == 3
+    finally:
+        R.set_policy_threads(0)
+    assert R.policy_threads() == max(1, torch.get_num_threads() // 2)
 
 
 @pytest.mark.parametrize("name", ["persona-tiny", "persona-smol"])
@@ -341,12 +358,12 @@ def test_recipe_builds_the_same_bundle_with_the_policies_side_by_side_or_in_turn
 
     small = ["--set", "embedder=style", "--set", "lm_steps=5", "--set", "lm_examples=300", "--set", "reward_steps=5",
              "--set", "policy_steps=3", "--set", "pairs_per_request=2", "--set", "map_users=40", "--set", "pool_size=20"]
-    assert main(["--base", "tiny", "--out", str(tmp_path / "two"), "--jobs", "2", *small]) == 0
+    assert main(["--base", "tiny", "--out", str(tmp_path / "two"), "--jobs", "2", "--policy-threads", "1", *small]) == 0
     (tmp_path / "one.work").mkdir()
     for stage in ("pairs.jsonl", "embeddings.safetensors", "reward", "tiny-lm"):  # the policies' inputs
         src = tmp_path / "two.work" / stage
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / "one.work" / stage)
-    assert main(["--base", "tiny", "--out", str(tmp_path / "one"), "--jobs", "1", *small]) == 0
+    assert main(["--base", "tiny", "--out", str(tmp_path / "one"), "--jobs", "1", "--policy-threads", "1", *small]) == 0
     for f in ("policy/film.safetensors", "policy/adapter/adapter_model.safetensors",
               "dpo/adapter/adapter_model.safetensors", "reference/reference.safetensors"):
         a = (tmp_path / "two" / f) if not f.startswith("reference") else tmp_path / "two.work" / f
@@ -354,5 +371,5 @@ def test_recipe_builds_the_same_bundle_with_the_policies_side_by_side_or_in_turn
         assert a.read_bytes() == b.read_bytes(), f
     meta = json.loads((tmp_path / "one" / "bundle.json").read_text())
     assert meta["decoding"]["repetition_penalty"] == RecipeConfig.for_base("tiny").repetition_penalty
-    assert meta["policy_threads"] >= 1 and json.loads((tmp_path / "one" / "policy" / "bundle.json").read_text())[
+    assert meta["policy_threads"] == 1 and json.loads((tmp_path / "one" / "policy" / "bundle.json").read_text())[
         "metrics"]["steps"] == 3

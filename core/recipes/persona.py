@@ -1,12 +1,14 @@
 """Build a persona bundle from scratch, reproducibly by seed.
 
     python -m core.recipes.persona --base tiny|smol --out DIR [--seed 0] [--work DIR] [--jobs 1|2] [--only np-dpo|dpo]
+                                   [--policy-threads N] [--set FIELD=VALUE ...]
 
 The two policy trainings are independent and seeded on their own. On a CPU the DPO baseline
 trains in a second process beside NP-DPO (`--jobs 2`, the default), each on half the torch
 threads; `--jobs 1` trains them one after the other on the same threads and gives the same bundle.
 `--only np-dpo` / `--only dpo` train one policy stage into the work folder, and a final run
-without --only assembles the bundle.
+without --only assembles the bundle. `--policy-threads N` gives each policy stage N torch threads
+instead of half (the manifest records the count): all of a CPU's cores for one `--only` stage at a time.
 
 Stages (each is kept in the work folder, so an interrupted build resumes where it stopped):
 
@@ -254,11 +256,23 @@ def _policy_dir(work: Path, model_name: str) -> Path:
     return work / ("policy" if model_name == "np-dpo" else "dpo")
 
 
+_POLICY_THREADS = 0  # --policy-threads; 0: half the process's threads
+
+
 def policy_threads() -> int:
-    """Torch threads for each policy stage on a CPU: half the process's (at least one), so that the two
-    policies can train side by side. The same count whether they run side by side or one after the
-    other, so a build gives the same bundle either way."""
-    return max(1, torch.get_num_threads() // 2)
+    """Torch threads for each policy stage on a CPU: by default half the process's (at least one), so that
+    the two policies can train side by side. The same count whether they run side by side or one after the
+    other, so a build gives the same bundle either way. `--policy-threads N` sets it (the manifest records
+    it), e.g. all of a machine's cores for one `--only` stage at a time."""
+    return _POLICY_THREADS or max(1, torch.get_num_threads() // 2)
+
+
+def set_policy_threads(n: int) -> None:
+    """policy_threads() from now on: n >= 1, or 0 for the default."""
+    global _POLICY_THREADS
+    if n < 0:
+        raise ValueError(f"--policy-threads must be >= 1 (or 0 for half the process's threads), got {n}")
+    _POLICY_THREADS = n
 
 
 @contextmanager
@@ -323,8 +337,9 @@ def stage_policy(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_dir:
     return out
 
 
-def _policy_process(cfg: dict[str, Any], work: str, model_name: str) -> None:
+def _policy_process(cfg: dict[str, Any], work: str, model_name: str, threads: int = 0) -> None:
     """A spawned process's policy stage (stage_policies): its inputs come from the work folder."""
+    set_policy_threads(threads)
     cfg_ = RecipeConfig(**cfg)
     work_ = Path(work)
     pairs = load_pairs(work_ / "pairs.jsonl")
@@ -341,7 +356,7 @@ def stage_policies(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_di
     ref = stage_reference(cfg, pairs, emb, work) if todo else None
     if jobs >= 2 and len(todo) == 2 and not torch.cuda.is_available():
         log(f"policies: NP-DPO here and the DPO baseline in a second process, {policy_threads()} thread(s) each")
-        child = mp.get_context("spawn").Process(target=_policy_process, args=(asdict(cfg), str(work), "dpo"),
+        child = mp.get_context("spawn").Process(target=_policy_process, args=(asdict(cfg), str(work), "dpo", _POLICY_THREADS),
                                                 name="dpo-baseline")
         child.start()
         try:
@@ -487,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, choices=(1, 2),
                     help="2 (default): on a CPU, train the DPO baseline in a second process beside NP-DPO; "
                          "1: one after the other (the same bundle, each policy uses the same threads)")
+    ap.add_argument("--policy-threads", type=int, default=0, metavar="N",
+                    help="torch threads for each policy stage on a CPU (default: half the process's, so that the "
+                         "two policies can train side by side); e.g. all cores with --only or --jobs 1")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a RecipeConfig field, e.g. --set sft_weight=0 --set policy_steps=600 (repeatable); "
                          "a work folder holds the stages of one setting, so give each setting its own --work")
@@ -494,14 +512,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = with_overrides(RecipeConfig.for_base(args.base, args.seed), args.set)
         check_config(cfg)  # refused now, not after the trainings
+        if args.policy_threads < 0:
+            raise ValueError(f"--policy-threads must be >= 1 (or 0 for half the process's threads), "
+                             f"got {args.policy_threads}")
     except ValueError as e:
         ap.error(str(e))
     work = args.work or args.out.parent / f"{args.out.name}.work"
-    if args.only:
-        pairs, emb, reward_dir = stage_inputs(cfg, work)
-        stage_policy(cfg, pairs, emb, work, reward_dir, args.only)
-    else:
-        build(cfg, args.out, work, args.jobs)
+    before = _POLICY_THREADS
+    set_policy_threads(args.policy_threads)
+    try:
+        if args.only:
+            pairs, emb, reward_dir = stage_inputs(cfg, work)
+            stage_policy(cfg, pairs, emb, work, reward_dir, args.only)
+        else:
+            build(cfg, args.out, work, args.jobs)
+    finally:
+        set_policy_threads(before)
     return 0
 
 

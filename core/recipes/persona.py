@@ -356,8 +356,8 @@ def stage_policies(cfg: RecipeConfig, pairs: PairSet, emb, work: Path, reward_di
     ref = stage_reference(cfg, pairs, emb, work) if todo else None
     if jobs >= 2 and len(todo) == 2 and not torch.cuda.is_available():
         log(f"policies: NP-DPO here and the DPO baseline in a second process, {policy_threads()} thread(s) each")
-        child = mp.get_context("spawn").Process(target=_policy_process, args=(asdict(cfg), str(work), "dpo", _POLICY_THREADS),
-                                                name="dpo-baseline")
+        child = mp.get_context("spawn").Process(target=_policy_process, name="dpo-baseline",
+                                                args=(asdict(cfg), str(work), "dpo", _POLICY_THREADS))
         child.start()
         try:
             stage_policy(cfg, pairs, emb, work, reward_dir, "np-dpo", quiet=True, reference=ref)
@@ -509,17 +509,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a RecipeConfig field, e.g. --set sft_weight=0 --set policy_steps=600 (repeatable); "
                          "a work folder holds the stages of one setting, so give each setting its own --work")
     args = ap.parse_args(argv)
+    before = _POLICY_THREADS
     try:
         cfg = with_overrides(RecipeConfig.for_base(args.base, args.seed), args.set)
         check_config(cfg)  # refused now, not after the trainings
-        if args.policy_threads < 0:
-            raise ValueError(f"--policy-threads must be >= 1 (or 0 for half the process's threads), "
-                             f"got {args.policy_threads}")
+        set_policy_threads(args.policy_threads)  # last: it sets nothing when it refuses
     except ValueError as e:
         ap.error(str(e))
     work = args.work or args.out.parent / f"{args.out.name}.work"
-    before = _POLICY_THREADS
-    set_policy_threads(args.policy_threads)
     try:
         if args.only:
             pairs, emb, reward_dir = stage_inputs(cfg, work)

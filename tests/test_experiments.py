@@ -138,3 +138,32 @@ def test_selection_cli_on_the_shipped_tiny_bundle(tmp_path):
     bad = subprocess.run(cmd[:-6] + ["--clicks", "0,3", "--json", str(tmp_path / "no.json")], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "clicks must be whole numbers" in bad.stderr and not (tmp_path / "no.json").exists()
+
+
+def test_steering_contexts_flag_scores_the_same_tasks_at_fewer_click_counts(tmp_path, capsys):
+    """--contexts 10 scores exactly the N_C = 10 cells of a run over more click counts with the same
+    seed (the tasks depend on the seed and batch only; NP-DPO's score is deterministic, NP-BTL's
+    Monte Carlo draws are not shared between cells), and bad values are named, nothing written."""
+    from core.experiments.steering import main, parse_contexts
+
+    base = ["--bundle", str(ROOT / "assets/models/persona-tiny"), "--parts", "policy", "--policy-tasks", "3",
+            "--seed", "3"]
+    assert main(base + ["--json", str(tmp_path / "one.json"), "--contexts", "10"]) == 0
+    assert main(base + ["--json", str(tmp_path / "two.json"), "--contexts", "10,0"]) == 0
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["config"]["contexts"] == [10] and two["config"]["contexts"] == [0, 10]
+    assert set(one["policy"]["accuracy"]) == set(two["policy"]["accuracy"]) >= {"busy executive", "continuous"}
+    for u, cells in one["policy"]["accuracy"].items():
+        assert set(cells) == {"10"} and cells["10"] == two["policy"]["accuracy"][u]["10"]
+    assert one["policy"]["conflict_sum"] == {k: {"10": v["10"]} for k, v in two["policy"]["conflict_sum"].items()}
+    assert "N_C=10" in next(iter(one["targets"]))  # targets are checked at the largest N_C scored
+    assert parse_contexts(" 5, 0,10 ", "--contexts") == (0, 5, 10)
+    for bad, msg in [("1,x", "distinct whole numbers"), ("3,3", "distinct whole numbers"), ("-1", "distinct whole numbers"),
+                     (",", "distinct whole numbers")]:
+        with pytest.raises(SystemExit) as e:
+            main(base + ["--json", str(tmp_path / "no.json"), "--contexts", bad])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base[:2] + ["--parts", "generation", "--json", str(tmp_path / "no.json"), "--contexts", "0,10"])
+    assert "include it in --contexts" in capsys.readouterr().err
+    assert not (tmp_path / "no.json").exists()

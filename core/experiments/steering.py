@@ -559,6 +559,17 @@ def texts_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def parse_contexts(text: str, flag: str) -> tuple[int, ...]:
+    """'10' or '0,5,10' -> (0, 5, 10): distinct whole numbers >= 0, in increasing order."""
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 0 or len(set(vals)) != len(vals):
+        raise ValueError(f"{flag} {text!r}: give distinct whole numbers of clicks >= 0, comma-separated, e.g. 0,5,10")
+    return tuple(sorted(vals))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m core.experiments steering", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -579,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="CTRL repetition penalty in decoding (1 = none; default: the bundle's)")
     ap.add_argument("--no-repeat-ngram", type=int, default=SteeringConfig.no_repeat_ngram,
                     help="forbid repeating any token n-gram of this size in an answer (0 = none; default: the bundle's)")
+    ap.add_argument("--contexts", help="comma-separated N_C values to score at (default: 0,1,3,5,10; --quick: 0,1,5); "
+                                       "the tasks at each N_C are those of a run over more N_C with the same --seed")
     ap.add_argument("--gen-contexts", help="comma-separated N_C values to generate at (default: all); must include 5")
     ap.add_argument("--parts", default="reward,policy,dpo,generation,map",
                     help="comma-separated subset of reward,policy,dpo,generation,map")
@@ -588,16 +601,25 @@ def main(argv: list[str] | None = None) -> int:
     bad = sorted(set(parts) - {"reward", "policy", "dpo", "generation", "map"})
     if bad:
         ap.error(f"unknown --parts {', '.join(bad)}")
+    try:
+        contexts = (parse_contexts(args.contexts, "--contexts") if args.contexts
+                    else (0, 1, 5) if args.quick else SteeringConfig.contexts)
+        gen_contexts = parse_contexts(args.gen_contexts, "--gen-contexts") if args.gen_contexts else None
+    except ValueError as e:
+        ap.error(str(e))
+    if "generation" in parts and SteeringConfig.check_context not in (gen_contexts or contexts):
+        ap.error(f"generation is checked at N_C={SteeringConfig.check_context}: include it in "
+                 f"{'--gen-contexts' if gen_contexts else '--contexts'}, or leave generation out of --parts")
     gen_kw = dict(decoding=args.decoding, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
                   no_repeat_ngram=args.no_repeat_ngram,
-                  gen_contexts=tuple(int(c) for c in args.gen_contexts.split(",")) if args.gen_contexts else None)
-    cfg = SteeringConfig(seed=args.seed, gen_seeds=args.gen_seeds, gen_prompts=args.gen_prompts,
+                  gen_contexts=gen_contexts)
+    cfg = SteeringConfig(seed=args.seed, contexts=contexts, gen_seeds=args.gen_seeds, gen_prompts=args.gen_prompts,
                          policy_tasks=args.policy_tasks, reward_tasks=args.reward_tasks, max_new_tokens=args.max_new_tokens,
                          **gen_kw)
     if args.quick:
-        cfg = SteeringConfig(seed=args.seed, contexts=(0, 1, 5), reward_tasks=20, policy_tasks=4, gen_seeds=2,
+        cfg = SteeringConfig(seed=args.seed, contexts=contexts, reward_tasks=20, policy_tasks=4, gen_seeds=2,
                              gen_prompts=2, gen_continuous=3, max_new_tokens=24, map_draws=10, check_context=5,
-                             **{**gen_kw, "gen_contexts": None})
+                             **gen_kw)
     from core.bundle import BundleError
 
     try:

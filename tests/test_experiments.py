@@ -157,6 +157,25 @@ def test_steering_contexts_flag_scores_the_same_tasks_at_fewer_click_counts(tmp_
         assert set(cells) == {"10"} and cells["10"] == two["policy"]["accuracy"][u]["10"]
     assert one["policy"]["conflict_sum"] == {k: {"10": v["10"]} for k, v in two["policy"]["conflict_sum"].items()}
     assert "N_C=10" in next(iter(one["targets"]))  # targets are checked at the largest N_C scored
+    # the misses breakdown scores the same tasks pair by pair: its per-task means are the policy's cells
+    from core.experiments.misses import main as misses_main
+
+    m_out = tmp_path / "misses.json"
+    assert misses_main(["--bundle", base[1], "--json", str(m_out), "--seeds", "3", "--tasks", "3",
+                        "--users", "busy executive,friendly tutor"]) == 0
+    mres = json.loads(m_out.read_text())["users"]
+    for u in ("busy executive", "friendly tutor"):
+        cell = one["policy"]["accuracy"][u]["10"]
+        assert mres[u]["policy"]["task_mean"] == pytest.approx(cell["mean"]) and mres[u]["policy"]["n"] == cell["n"]
+        assert 0 <= mres[u]["reward"]["accuracy"] <= 1 and mres[u]["tasks"] == 3
+    recs = [json.loads(x) for x in m_out.with_suffix(".pairs.jsonl").read_text().splitlines()]
+    assert len(recs) == sum(mres[u]["pairs"] for u in mres) and all(r["choice"] != 0.5 for r in recs)
+    assert misses_main(["--bundle", base[1], "--json", str(tmp_path / "no.json"), "--users", "night owl"]) == 2
+    assert "unknown user(s) ['night owl']" in capsys.readouterr().err
+    for flag, bad in [("--seeds", "1,1"), ("--models", "reward,dpo")]:
+        with pytest.raises(SystemExit):
+            misses_main(["--bundle", base[1], "--json", str(tmp_path / "no.json"), flag, bad])
+        assert flag in capsys.readouterr().err
     assert parse_contexts(" 5, 0,10 ", "--contexts") == (0, 5, 10)
     for bad, msg in [("1,x", "distinct whole numbers"), ("3,3", "distinct whole numbers"), ("-1", "distinct whole numbers"),
                      (",", "distinct whole numbers")]:
@@ -167,3 +186,32 @@ def test_steering_contexts_flag_scores_the_same_tasks_at_fewer_click_counts(tmp_
         main(base[:2] + ["--parts", "generation", "--json", str(tmp_path / "no.json"), "--contexts", "0,10"])
     assert "include it in --contexts" in capsys.readouterr().err
     assert not (tmp_path / "no.json").exists()
+
+
+def test_misses_breakdown_closed_form():
+    """The breakdown's counts on hand-made pairs of a terse + formal user (w = (-1, -1))."""
+    from core.experiments.misses import breakdown
+
+    def rec(task, delta, choice, p, logit):
+        d_ = [-x for x in delta]  # w_i * delta_i
+        return {"user": "busy executive", "task": task, "choice": choice, "d": sum(d_), "contrib": d_,
+                "delta": delta, "reward_p": p, "policy_logit": logit}
+
+    records = [
+        rec(0, [-1.0, -1.0], 1.0, 0.9, 2.0),   # b shorter and more formal: axes agree, d = 2; both right
+        rec(0, [1.0, -0.2], 0.0, 0.2, 1.0),    # b longer but formal: pull apart, d = -0.8; policy wrong (prefers longer b)
+        rec(1, [0.1, -0.3], 1.0, 0.4, 0.5),    # pull apart, d = 0.2; reward wrong (prefers a)
+        rec(1, [0.5, 0.5], 1.0, 0.1, -1.0),    # axes agree, d = -1, yet b chosen (BTL noise): both "wrong"
+    ]
+    out = breakdown(records, ("verbosity", "tone"), margins=(0.5,))["busy executive"]
+    assert out["pairs"] == 4 and out["tasks"] == 2
+    assert out["label_ceiling"] == {"n": 4, "accuracy": 0.75}  # the last choice goes against the utility
+    assert out["axes_conflict_share"] == 0.5
+    r, pol = out["reward"], out["policy"]
+    assert r["accuracy"] == 0.5 and r["task_mean"] == 0.5 and r["axes_agree"] == {"n": 2, "accuracy": 0.5}
+    assert pol["accuracy"] == 0.5 and pol["task_mean"] == 0.5 and pol["axes_conflict"] == {"n": 2, "accuracy": 0.5}
+    assert pol["margin"]["[0, 0.5)"] == {"n": 1, "accuracy": 1.0} and pol["margin"]["[0.5, inf)"]["n"] == 3
+    assert pol["agrees_with_utility"] == 0.75  # only the second pair's pick goes against d
+    # policy's mistakes: pair 2 (preferred b: longer, more formal) and pair 4 (preferred a: shorter, more formal)
+    assert pol["mistakes"] == {"n": 2, "preferred higher verbosity": 0.5, "preferred higher tone": 0.0}
+    assert out["models_agree"] == 0.5

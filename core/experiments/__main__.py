@@ -1,7 +1,8 @@
 """python -m core.experiments synthetic|identifiability [--out DIR] [--seed N]
 python -m core.experiments steering --bundle DIR --json OUT [...]   (see steering --help)
 python -m core.experiments texts OUT.texts.jsonl [...]   (rescore a steering run's generated texts)
-python -m core.experiments selection --bundle DIR [--json OUT]   (random vs informative next pairs)"""
+python -m core.experiments selection --bundle DIR [--json OUT]   (random vs informative next pairs)
+python -m core.experiments misses --bundle DIR --json OUT [...]   (where NP-BTL and NP-DPO go wrong, pair by pair)"""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         from core.experiments.selection import main as selection_main
 
         return selection_main(argv[1:])
+    if argv[:1] == ["misses"]:
+        from core.experiments.misses import main as misses_main
+
+        return misses_main(argv[1:])
     if argv[:1] == ["texts"]:
         from core.experiments.steering import texts_main
 

@@ -215,3 +215,22 @@ def test_misses_breakdown_closed_form():
     # policy's mistakes: pair 2 (preferred b: longer, more formal) and pair 4 (preferred a: shorter, more formal)
     assert pol["mistakes"] == {"n": 2, "preferred higher verbosity": 0.5, "preferred higher tone": 0.0}
     assert out["models_agree"] == 0.5
+
+
+def test_feature_probe_recovers_linear_attributes_and_flags_unreadable_ones():
+    """Attributes that are linear in the features give R² ≈ 1 and full sign agreement; an attribute
+    the features don't carry gives R² ≈ 0 and a coin flip for a user who only cares about it."""
+    from core.experiments.misses import feature_probe
+
+    rng = np.random.default_rng(0)
+    B = rng.normal(size=(6, 1))  # (D, 1)
+    x, y = {}, {}
+    for split, n in (("train", 3000), ("val", 500), ("test", 2000)):
+        x[split] = rng.normal(size=(n, 2, 6))  # (n, 2, D)
+        readable = x[split] @ B  # (n, 2, 1)
+        hidden = rng.normal(size=(n, 2, 1))  # independent of x
+        y[split] = np.concatenate([readable, hidden], -1)  # (n, 2, 2)
+    out = feature_probe(x, y, {"reads": (1.0, 0.0), "hidden": (0.0, 1.0)}, ("a", "b"))
+    assert out["test_r2"]["a"] > 0.999 and abs(out["test_r2"]["b"]) < 0.02
+    assert out["sign_agreement"]["reads"] > 0.995 and abs(out["sign_agreement"]["hidden"] - 0.5) < 0.05
+    assert out["lambda"] in (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0) and out["options"]["test"] == 4000

@@ -15,6 +15,9 @@ per-task accuracies here reproduce the policy's cells there. For each archetype 
   answer and a long formal one);
 - the accuracy by |d|, the utility margin;
 - among its mistakes, how often the option it preferred is higher on each axis (longer, warmer).
+
+`--probe` adds the feature ceiling: a ridge probe from the bundle's option features to the gold
+attributes, and how often its attributes pick the same option as the gold ones for each user.
 """
 
 from __future__ import annotations
@@ -133,6 +136,53 @@ def format_breakdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- the feature ceiling: how well the option features determine the gold attributes ---------------
+
+def ridge_fit(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Ridge regression on standardised inputs with an unpenalised intercept: x (n, D), y (n, A) ->
+    (mean (D,), scale (D,), coef (D, A), intercept (A,))."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xs = (x - mu) / sd  # (n, D)
+    y0 = y.mean(0)  # (A,)
+    coef = np.linalg.solve(xs.T @ xs + lam * np.eye(x.shape[1]), xs.T @ (y - y0))  # (D, A)
+    return mu, sd, coef, y0
+
+
+def ridge_predict(fit: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], x: np.ndarray) -> np.ndarray:
+    mu, sd, coef, y0 = fit
+    return (x - mu) / sd @ coef + y0  # (n, A)
+
+
+def r2(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(A,) coefficient of determination per column."""
+    return 1 - ((pred - y) ** 2).mean(0) / y.var(0)
+
+
+def feature_probe(x: dict[str, np.ndarray], y: dict[str, np.ndarray], users: dict[str, Sequence[float]],
+                  axes: Sequence[str], lams: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)) -> dict[str, Any]:
+    """A linear probe from option features to the gold attributes. x[split] (n, 2, D) and y[split]
+    (n, 2, A) hold both options of every pair of the train, val and test splits. The ridge penalty
+    is chosen on val (mean R²); R² per axis is reported on test, with each user's sign agreement:
+    how often the probe's attributes give the same preferred option as the gold ones (pairs with
+    d = 0 left out). A model reading these features through a linear head can at best match it."""
+    flat = {k: (v.reshape(-1, v.shape[-1]).astype(np.float64)) for k, v in x.items()}  # (2n, D)
+    flat_y = {k: v.reshape(-1, v.shape[-1]).astype(np.float64) for k, v in y.items()}  # (2n, A)
+    scores = {lam: float(r2(ridge_predict(ridge_fit(flat["train"], flat_y["train"], lam), flat["val"]),
+                            flat_y["val"]).mean()) for lam in lams}
+    lam = max(scores, key=scores.get)
+    fit = ridge_fit(flat["train"], flat_y["train"], lam)
+    pred = ridge_predict(fit, flat["test"]).reshape(y["test"].shape)  # (n, 2, A)
+    gold_d, pred_d = y["test"][:, 1] - y["test"][:, 0], pred[:, 1] - pred[:, 0]  # (n, A)
+    agree = {}
+    for u, w in users.items():
+        d = gold_d @ np.asarray(w, dtype=np.float64)  # (n,)
+        keep = d != 0
+        agree[u] = float(np.mean(np.sign(pred_d[keep] @ np.asarray(w, dtype=np.float64)) == np.sign(d[keep])))
+    return {"lambda": lam, "val_r2_by_lambda": {f"{k:g}": v for k, v in scores.items()},
+            "test_r2": dict(zip(axes, r2(pred.reshape(-1, len(axes)), y["test"].reshape(-1, len(axes))).tolist())),
+            "sign_agreement": agree, "options": {k: int(v.shape[0]) for k, v in flat.items()}}
+
+
 # -- collecting records (the bundle's models on the steering experiment's tasks) -------------------
 
 def collect(bundle, pairs, emb, cfg: MissesConfig, models: Sequence[str], log=print) -> list[dict[str, Any]]:
@@ -175,7 +225,8 @@ def collect(bundle, pairs, emb, cfg: MissesConfig, models: Sequence[str], log=pr
     return rows
 
 
-def run(bundle_dir: Path, json_out: Path, cfg: MissesConfig, models: Sequence[str] = MODELS, log=print) -> dict[str, Any]:
+def run(bundle_dir: Path, json_out: Path, cfg: MissesConfig, models: Sequence[str] = MODELS, log=print,
+        probe: bool = False, embed_cache: Path | None = None) -> dict[str, Any]:
     from core.atomic import write_jsonl_atomic
     from core.experiments import figures as F
     from core.experiments.steering import bundle_pairs, embed
@@ -191,7 +242,8 @@ def run(bundle_dir: Path, json_out: Path, cfg: MissesConfig, models: Sequence[st
     pairs = bundle_pairs(bundle, None, cfg.split)
     if pairs.attributes is None:
         raise ValueError(f"{pairs.source}: the pairs carry no attributes, so utilities can't be computed")
-    emb = embed(pairs, None, str(bundle.meta.get("embedder", "all-minilm-l6-v2")))
+    embedder = str(bundle.meta.get("embedder", "all-minilm-l6-v2"))
+    emb = embed(pairs, embed_cache, embedder)
     if bundle.policy is not None:
         bundle.policy.merge_for_inference()
         bundle.policy.eval()
@@ -200,6 +252,20 @@ def run(bundle_dir: Path, json_out: Path, cfg: MissesConfig, models: Sequence[st
     records = collect(bundle, pairs, emb, cfg, models, log)
     res = {"bundle": str(bundle_dir), "name": bundle.name, "config": asdict(cfg), "models": list(models),
            "users": breakdown(records, P.AXES, cfg.margins, models), "seconds": round(time.time() - t0, 1)}
+    if probe:
+        t = time.time()
+        x, y = {}, {}
+        idx = [pairs.attribute_names.index(a) for a in P.AXES]
+        for split in ("train", "val", "test"):
+            sp = pairs if split == cfg.split else bundle_pairs(bundle, None, split)
+            e = embed(sp, embed_cache, embedder)
+            x[split] = torch.stack([e[0], e[1]], 1).numpy()  # (n, 2, D)
+            y[split] = sp.attributes[:, :, idx]  # (n, 2, A)
+        res["feature_probe"] = feature_probe(x, y, {u: P.ARCHETYPES[u] for u in users}, P.AXES)
+        fp = res["feature_probe"]
+        log(f"feature probe (ridge, lambda {fp['lambda']:g} chosen on val, {time.time() - t:.0f} s): test R² "
+            + ", ".join(f"{a} {v:.3f}" for a, v in fp["test_r2"].items()) + "; sign agreement with the gold "
+            "attributes " + ", ".join(f"{u} {100 * v:.1f} %" for u, v in fp["sign_agreement"].items()))
     F.write_json(json_out, res)
     rec_file = write_jsonl_atomic(json_out.with_suffix(".pairs.jsonl"), records)
     log(format_breakdown(res["users"]))
@@ -227,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=MissesConfig.tasks, help="tasks per user and seed")
     ap.add_argument("--n-context", type=int, default=MissesConfig.n_context, help="clicks in each task's context")
     ap.add_argument("--models", default="reward,policy", help="reward, policy or both")
+    ap.add_argument("--probe", action="store_true",
+                    help="also fit a linear probe from the option features to the gold attributes (embeds the train "
+                         "and val options too: minutes with MiniLM)")
+    ap.add_argument("--embed-cache", type=Path, help="safetensors cache of option embeddings (read and extended)")
     args = ap.parse_args(argv)
     try:
         seeds = _ints(args.seeds, "--seeds", 0)
@@ -242,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     from core.bundle import BundleError
 
     try:
-        run(args.bundle, args.json, cfg, tuple(m for m in MODELS if m in models))
+        run(args.bundle, args.json, cfg, tuple(m for m in MODELS if m in models), probe=args.probe,
+            embed_cache=args.embed_cache)
     except (BundleError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -144,7 +144,7 @@ def test_steering_contexts_flag_scores_the_same_tasks_at_fewer_click_counts(tmp_
     """--contexts 10 scores exactly the N_C = 10 cells of a run over more click counts with the same
     seed (the tasks depend on the seed and batch only; NP-DPO's score is deterministic, NP-BTL's
     Monte Carlo draws are not shared between cells), and bad values are named, nothing written."""
-    from core.experiments.steering import main, parse_contexts
+    from core.experiments.steering import main, parse_whole_numbers
 
     base = ["--bundle", str(ROOT / "assets/models/persona-tiny"), "--parts", "policy", "--policy-tasks", "3",
             "--seed", "3"]
@@ -176,7 +176,7 @@ def test_steering_contexts_flag_scores_the_same_tasks_at_fewer_click_counts(tmp_
         with pytest.raises(SystemExit):
             misses_main(["--bundle", base[1], "--json", str(tmp_path / "no.json"), flag, bad])
         assert flag in capsys.readouterr().err
-    assert parse_contexts(" 5, 0,10 ", "--contexts") == (0, 5, 10)
+    assert parse_whole_numbers(" 5, 0,10 ", "--contexts") == (0, 5, 10)
     for bad, msg in [("1,x", "distinct whole numbers"), ("3,3", "distinct whole numbers"), ("-1", "distinct whole numbers"),
                      (",", "distinct whole numbers")]:
         with pytest.raises(SystemExit) as e:

@@ -273,17 +273,9 @@ def run(bundle_dir: Path, json_out: Path, cfg: MissesConfig, models: Sequence[st
     return res
 
 
-def _ints(text: str, flag: str, lo: int) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        vals = ()
-    if not vals or min(vals) < lo or len(set(vals)) != len(vals):
-        raise ValueError(f"{flag} {text!r}: give distinct whole numbers >= {lo}, comma-separated")
-    return vals
-
-
 def main(argv: list[str] | None = None) -> int:
+    from core.experiments.steering import parse_whole_numbers
+
     ap = argparse.ArgumentParser(prog="python -m core.experiments misses", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, required=True, help="a persona bundle folder")
@@ -299,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embed-cache", type=Path, help="safetensors cache of option embeddings (read and extended)")
     args = ap.parse_args(argv)
     try:
-        seeds = _ints(args.seeds, "--seeds", 0)
+        seeds = parse_whole_numbers(args.seeds, "--seeds")
         models = tuple(m.strip() for m in args.models.split(",") if m.strip())
         if not models or set(models) - set(MODELS) or len(set(models)) != len(models):
             raise ValueError(f"--models {args.models!r}: give reward, policy or reward,policy")

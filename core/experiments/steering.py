@@ -559,14 +559,14 @@ def texts_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def parse_contexts(text: str, flag: str) -> tuple[int, ...]:
+def parse_whole_numbers(text: str, flag: str) -> tuple[int, ...]:
     """'10' or '0,5,10' -> (0, 5, 10): distinct whole numbers >= 0, in increasing order."""
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         vals = []
     if not vals or min(vals) < 0 or len(set(vals)) != len(vals):
-        raise ValueError(f"{flag} {text!r}: give distinct whole numbers of clicks >= 0, comma-separated, e.g. 0,5,10")
+        raise ValueError(f"{flag} {text!r}: give distinct whole numbers >= 0, comma-separated, e.g. 0,5,10")
     return tuple(sorted(vals))
 
 
@@ -602,9 +602,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown --parts {', '.join(bad)}")
     try:
-        contexts = (parse_contexts(args.contexts, "--contexts") if args.contexts
+        contexts = (parse_whole_numbers(args.contexts, "--contexts") if args.contexts
                     else (0, 1, 5) if args.quick else SteeringConfig.contexts)
-        gen_contexts = parse_contexts(args.gen_contexts, "--gen-contexts") if args.gen_contexts else None
+        gen_contexts = parse_whole_numbers(args.gen_contexts, "--gen-contexts") if args.gen_contexts else None
     except ValueError as e:
         ap.error(str(e))
     if "generation" in parts and SteeringConfig.check_context not in (gen_contexts or contexts):
